@@ -1,0 +1,39 @@
+"""`python train.py RECIPE.yaml [dotted.key=value ...] [--plan [--json]]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from ettin_train.config import RecipeError, load_recipe, recipe_to_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train an Ettin model from a YAML recipe.")
+    parser.add_argument("recipe", help="recipe YAML, e.g. yamls/demo/encoder/pretrain.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_duration=100ba")
+    parser.add_argument("--plan", action="store_true", help="print what the recipe will do, then exit")
+    parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON object")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        recipe, _ = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.plan:
+        from ettin_train.plan import format_plan, make_plan
+
+        plan = make_plan(recipe)
+        if args.json:
+            print(json.dumps(plan))
+        else:
+            print(format_plan(plan))
+            print("\nresolved recipe:\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        return 0
+    from ettin_train.composer_adapter import run
+
+    run(recipe)
+    return 0

@@ -1,0 +1,261 @@
+"""The only module that imports Composer: it turns a checked recipe into a Composer `Trainer` and runs it.
+
+Model, objectives, data, schedules and checkpoint reading know nothing of Composer, so a move to
+another trainer rewrites this file only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from composer import Callback, ComposerModel, Event, State, Trainer
+from composer.core import DataSpec
+from composer.devices import DeviceCPU, DeviceGPU
+from composer.loggers import Logger, WandBLogger
+from composer.utils import dist, reproducibility
+from optimi import StableAdamW
+from torch.utils.data import DataLoader
+
+from ettin_train.checkpoint import load_checkpoint, model_state_dict
+from ettin_train.config import Duration, Recipe, recipe_to_dict
+from ettin_train.data.mds import FramedMDSDataset
+from ettin_train.model import EttinModel
+from ettin_train.objectives import Objective, SpecialTokens, get_objective
+from ettin_train.schedules import lr_multiplier
+
+
+class EttinComposerModel(ComposerModel):
+    """Composer's wrapper: the objective's loss is the forward pass. The attribute name `model`
+    gives checkpoint keys the `model.` prefix that the original checkpoints have."""
+
+    def __init__(self, model: EttinModel, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch):
+        return self.objective.loss(self.model, batch)
+
+    def loss(self, outputs, batch):
+        return outputs
+
+
+class LRSchedule:
+    """Composer calls this after every step; Composer wraps it in a `LambdaLR` (checkpoint key `LambdaLR`)."""
+
+    def __init__(self, recipe: Recipe):
+        self.cfg = recipe.scheduler
+        self.total, self.unit = Duration.parse(recipe.train.max_duration)
+
+    def __call__(self, state: State, ssr: float = 1.0) -> float:
+        t = state.timestamp.token.value if self.unit == "tok" else state.timestamp.batch.value
+        return lr_multiplier(self.cfg, t, self.total)
+
+
+class Progress(Callback):
+    """One console line every `interval` steps on rank 0: step, loss, lr, tokens, tokens/s, ETA."""
+
+    def __init__(self, recipe: Recipe, interval: int):
+        self.interval = interval
+        self.total, self.unit = Duration.parse(recipe.train.max_duration)
+        self.name = recipe.run_name
+        self.start_time = self.start_tokens = self.start_batch = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.start_time = time.perf_counter()
+        self.start_tokens, self.start_batch = state.timestamp.token.value, state.timestamp.batch.value
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        step = state.timestamp.batch.value
+        done = (state.timestamp.token.value if self.unit == "tok" else step) >= self.total
+        if dist.get_global_rank() != 0 or (step % self.interval and not done):
+            return
+        elapsed = time.perf_counter() - self.start_time
+        tokens = state.timestamp.token.value
+        tok_per_s = (tokens - self.start_tokens) / max(elapsed, 1e-9)
+        progress, rate = (tokens, tok_per_s) if self.unit == "tok" else (step, (step - self.start_batch) / max(elapsed, 1e-9))
+        eta = (self.total - progress) / rate if rate > 0 else float("nan")
+        lr = state.optimizers[0].param_groups[0]["lr"]
+        loss = float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan")
+        print(f"[{self.name}] step {step:>6}  loss {loss:7.4f}  lr {lr:.2e}  tokens {_si(tokens)}/{_si(self.total) if self.unit == 'tok' else '?'}"
+              f"  {_si(tok_per_s)} tok/s  ETA {_hms(eta)}", flush=True)
+
+
+class StopAfter(Callback):
+    """`train.stop_after`: end the run with a checkpoint at a point before max_duration (a planned
+    preemption) without changing the schedule, which is computed from max_duration."""
+
+    def __init__(self, stop_after: str):
+        self.at, self.unit = Duration.parse(stop_after)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        now = state.timestamp.token.value if self.unit == "tok" else state.timestamp.batch.value
+        if now >= self.at:
+            state.stop_training()
+
+
+class RestoreRngMidEpoch(Callback):
+    """Composer 0.32.1 restores the saved RNG state on resume only when it spins the dataloader; with a
+    dataset that resumes itself (StreamingDataset) mid-epoch it never does, so dropout masks after a
+    resume differ from an uninterrupted run. This restores it just before the first resumed batch,
+    after the dataloader iterator has been created (which draws from the RNG in both runs)."""
+
+    def __init__(self):
+        self.rng_state = None
+
+    def take_over(self, trainer: Trainer) -> None:
+        if trainer._rng_state is not None and int(trainer.state.timestamp.batch_in_epoch) > 0:
+            self.rng_state, trainer._rng_state = trainer._rng_state, None
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        if self.rng_state is not None:
+            reproducibility.load_rng_state(self.rng_state)
+            self.rng_state = None
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> StableAdamW:
+    """StableAdamW with fully decoupled weight decay; no decay for norms and biases (ndim <= 1)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    opt = recipe.optimizer
+    return StableAdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, decouple_lr=True,
+        # optimi 0.3 picks its Triton kernels whenever Triton is importable, also for CPU tensors.
+        triton=None if torch.cuda.is_available() else False,
+    )
+
+
+def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: StableAdamW) -> str:
+    """Load what `init.load` declares from the previous phase's checkpoint. The learning rate, the
+    schedule and the clock are this recipe's: only weights (and moments) come from the checkpoint."""
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(model_state_dict(ckpt), strict=True)
+    taken = "model weights"
+    if recipe.init.load == "model+optimizer":
+        saved = ckpt["state"]["optimizers"]["StableAdamW"]
+        optimizer.load_state_dict(saved)
+        opt = recipe.optimizer
+        for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
+            # torch restores the saved hyperparameters with the moments; the recipe's values win.
+            # `max_lr` (the reference for decoupled weight decay) stays as saved, as in the original.
+            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=wd, betas=tuple(opt.betas), eps=opt.eps)
+        taken += " and optimizer moments"
+    step = ckpt["state"]["timestamp"]["Timestamp"]["batch"]
+    return f"{taken} from {path} (its step {int(step)}); clock, schedule and learning rate start fresh"
+
+
+def run(recipe: Recipe) -> None:
+    on_gpu = recipe.train.device == "gpu" or (recipe.train.device == "auto" and torch.cuda.is_available())
+    device = DeviceGPU() if on_gpu else DeviceCPU()
+    # Distributed must be up before streaming builds its dataset (streaming starts its own process group).
+    dist.initialize_dist(device)
+    world = dist.get_world_size()
+    if recipe.train.global_batch % world:
+        sys.exit(f"error: train.global_batch {recipe.train.global_batch} is not divisible by the world size {world}")
+    per_device = recipe.train.global_batch // world
+    reproducibility.seed_all(recipe.train.seed)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.data.tokenizer)
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    if tokens.vocab_size > recipe.model.vocab_size:
+        sys.exit(f"error: tokenizer {recipe.data.tokenizer} has {tokens.vocab_size} tokens, more than model.vocab_size {recipe.model.vocab_size}")
+    objective = get_objective(recipe.objective)
+    model = EttinModel(recipe.model)
+    optimizer = build_optimizer(model, recipe)
+
+    run_dir = Path(recipe.run_dir)
+    save_folder = run_dir / "checkpoints"
+    resuming = recipe.checkpoint.autoresume and (save_folder / "latest-rank0.pt").exists()
+    if resuming:
+        started = f"resuming from {os.path.realpath(save_folder / 'latest-rank0.pt')} (model, optimizer, schedule, clock, data position)"
+    elif recipe.init.checkpoint:
+        started = start_phase_from(recipe.init.checkpoint, recipe, model, optimizer)
+    else:
+        started = "fresh initialisation"
+
+    dataset = FramedMDSDataset(
+        local=recipe.data.path, remote=recipe.data.remote, split=recipe.data.split, shuffle=True,
+        shuffle_seed=recipe.data.shuffle_seed, batch_size=per_device,
+        seq_len=recipe.data.seq_len, tokens=tokens, force_sep=not objective.causal,
+    )
+    collate = objective.make_collator(tokens, recipe.data.mask_rate, recipe.train.seed)
+    loader = DataLoader(dataset, batch_size=per_device, collate_fn=collate, num_workers=recipe.data.num_workers,
+                        drop_last=True, persistent_workers=recipe.data.num_workers > 0)
+    # The token clock counts real tokens only (the original's count_padding_tokens: false).
+    data = DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()))
+
+    if dist.get_global_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        print(f"[{recipe.run_name}] {recipe.objective} {recipe.phase}, {model.num_params():,} parameters, "
+              f"{world} process(es) on {'gpu' if on_gpu else 'cpu'}, {per_device} sequences per device\n"
+              f"[{recipe.run_name}] start: {started}", flush=True)
+
+    restore_rng = RestoreRngMidEpoch()
+    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng]
+    if recipe.train.stop_after:
+        callbacks.append(StopAfter(recipe.train.stop_after))
+    loggers = []
+    wandb = recipe.logging.wandb
+    if wandb.project and wandb.mode != "disabled":
+        mode = wandb.mode if wandb.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        os.environ["WANDB_MODE"] = mode
+        loggers.append(WandBLogger(project=wandb.project, entity=wandb.entity, init_kwargs={"dir": str(run_dir)}))
+
+    precision = recipe.train.precision if recipe.train.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
+    trainer = Trainer(
+        model=EttinComposerModel(model, objective),
+        train_dataloader=data,
+        max_duration=_composer_time(recipe.train.max_duration),
+        optimizers=optimizer,
+        schedulers=LRSchedule(recipe),
+        step_schedulers_every_batch=True,
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=recipe.train.microbatch or per_device,
+        run_name=recipe.run_name,
+        save_folder=str(save_folder),
+        save_interval=_composer_time(recipe.checkpoint.interval),
+        save_num_checkpoints_to_keep=recipe.checkpoint.keep,
+        autoresume=recipe.checkpoint.autoresume,
+        seed=recipe.train.seed,
+        callbacks=callbacks,
+        loggers=loggers,
+        progress_bar=False,
+        log_to_console=False,
+    )
+    restore_rng.take_over(trainer)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    if dist.get_global_rank() == 0:
+        print(f"[{recipe.run_name}] done at step {trainer.state.timestamp.batch.value}; checkpoints in {save_folder}", flush=True)
+
+
+def _composer_time(duration: str) -> str:
+    value, unit = Duration.parse(duration)
+    return f"{value}{unit}"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

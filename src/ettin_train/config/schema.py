@@ -1,0 +1,138 @@
+"""The recipe schema: every key a recipe may set, its type and its default.
+
+A recipe is YAML; `config.loading` merges it with its bases and the command-line overrides and checks
+it against these dataclasses, so a key that is not here (or a value of the wrong type) stops the run.
+Durations are strings with a unit, as in the original configs: `8_500_000_000tok` or `100ba`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ettin_train.model.config import ModelConfig
+
+MISSING = "???"  # OmegaConf's marker for a value that must be given
+
+_DURATION = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:e[0-9]+)?)\s*(tok|ba)\s*$")
+
+
+class Duration(str):
+    """`<number>tok` (non-padding tokens, summed over ranks) or `<number>ba` (optimizer steps)."""
+
+    @staticmethod
+    def parse(text: str) -> tuple[int, str]:
+        m = _DURATION.match(str(text))
+        if not m:
+            raise ValueError(f"{text!r} is not a duration like '8_500_000_000tok' or '100ba'")
+        return int(float(m.group(1).replace("_", ""))), m.group(2)
+
+
+@dataclass
+class DataConfig:
+    # Folder of MDS shards (the `index.json` folder, or its parent when `split` is set).
+    path: str = MISSING
+    # Optional remote copy (s3://, gs://, hf://, ...) that streaming downloads into `path`.
+    remote: Optional[str] = None
+    split: Optional[str] = None
+    # Tokenizer folder or Hub name (Ettin: jhu-clsp/ettin-encoder-150m); only its special tokens are used.
+    tokenizer: str = MISSING
+    seq_len: int = 1024
+    # MLM masking probability; ignored by clm.
+    mask_rate: float = 0.3
+    shuffle_seed: int = 21
+    num_workers: int = 2
+    # Mean real tokens per sequence, only for the step estimate in --plan (Ettin pre-training: ~615 of 1024).
+    mean_tokens_per_seq: Optional[float] = None
+
+
+@dataclass
+class OptimizerConfig:
+    """StableAdamW (torch-optimi) with fully decoupled weight decay, none on norms and biases."""
+
+    lr: float = MISSING
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+
+
+@dataclass
+class SchedulerConfig:
+    """warmup_stable_decay: linear warmup, constant, then a linear decay over the last `decay`.
+    one_minus_sqrt: after `warmup`, lr * (alpha_f + (1 - alpha_f) * (1 - sqrt(progress))) over `decay`
+    (default: the rest of the phase). Both end at alpha_f * lr."""
+
+    name: Literal["warmup_stable_decay", "one_minus_sqrt"] = "warmup_stable_decay"
+    warmup: Duration = Duration("0tok")
+    decay: Optional[Duration] = None
+    alpha_f: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 4608
+    # Sequences per forward/backward on one device; the rest of the per-device batch is accumulated.
+    microbatch: Optional[int] = None
+    max_duration: Duration = MISSING
+    # Stop (with a checkpoint) after this point without changing the schedule: a planned preemption.
+    stop_after: Optional[Duration] = None
+    precision: Literal["auto", "fp32", "amp_bf16"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    seed: int = 21
+
+
+@dataclass
+class CheckpointConfig:
+    interval: Duration = Duration("8_500_000_000tok")
+    # How many checkpoints to keep in the run folder; -1 keeps all (Ettin kept every one).
+    keep: int = -1
+    # Continue from the newest checkpoint in the run folder if there is one.
+    autoresume: bool = True
+
+
+@dataclass
+class InitConfig:
+    """Where a phase starts from. Ignored when the run folder already has a checkpoint (autoresume)."""
+
+    # A checkpoint file, or a run folder (its newest checkpoint), of the previous phase.
+    checkpoint: Optional[str] = None
+    # What is taken from it: the weights, or the weights and the optimizer moments. The learning rate,
+    # schedule and clock always start fresh from this recipe.
+    load: Literal["model", "model+optimizer"] = "model+optimizer"
+
+
+@dataclass
+class WandbConfig:
+    project: Optional[str] = None  # wandb logging is on when a project is set
+    entity: Optional[str] = None
+    # auto: online when WANDB_API_KEY is set, else offline (synced later with `wandb sync`).
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    # Print a progress line every this many steps.
+    console_interval: int = 100
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Recipe:
+    run_name: str = MISSING
+    # Everything a run writes goes here: checkpoints/, ledger.jsonl, recipe.yaml.
+    run_dir: str = MISSING
+    objective: str = MISSING
+    phase: Literal["pretrain", "extension", "decay"] = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Keys that exist on a dataclass but are not the recipe's to set (derived from other keys).
+NOT_RECIPE_KEYS = {"model.causal"}

@@ -1,0 +1,75 @@
+"""A small real-text corpus and tokenizer made on the spot, with no download: the docstrings of the
+installed Python standard library, and a byte-level BPE tokenizer with the ModernBERT special tokens.
+Used by `make demo` and by the tests; nothing of it is committed."""
+
+from __future__ import annotations
+
+import ast
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+
+
+def stdlib_docstrings(max_chars: int, min_words: int = 12) -> Iterator[tuple[str, str]]:
+    """(id, text) of docstrings in the standard library, in a fixed order, up to `max_chars` in all."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc.split()) < min_words:
+                continue
+            name = getattr(node, "name", "<module>")
+            yield f"{rel}:{name}:{getattr(node, 'lineno', 0)}", doc
+            total += len(doc)
+            if total >= max_chars:
+                return
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
+    """Trains a byte-level BPE (the family of Ettin's OLMo-derived tokenizer) and saves it as a
+    `transformers` fast tokenizer that frames text as `[CLS] ... [SEP]`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # the original used add_prefix_space
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token=AddedToken("[MASK]", lstrip=True, special=True), bos_token="[CLS]", eos_token="[SEP]",
+        model_max_length=8192,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dict[str, int]) -> dict[str, int]:
+    """Writes `out_dir/tokenizer` and one MDS folder per entry of `seq_lens` (name -> sequence length).
+    Returns the number of samples per folder."""
+    from ettin_train.data.shards import write_shards
+
+    docs = list(stdlib_docstrings(max_chars))
+    tok = train_tokenizer([text for _, text in docs], vocab_size, str(Path(out_dir) / "tokenizer"))
+    encoded = [(doc_id, ids) for (doc_id, _), ids in
+               zip(docs, tok([text for _, text in docs], add_special_tokens=False)["input_ids"])]
+    return {name: write_shards(str(Path(out_dir) / name), encoded, seq_len, tok.cls_token_id, tok.sep_token_id)
+            for name, seq_len in seq_lens.items()}

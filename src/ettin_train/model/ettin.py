@@ -1,0 +1,259 @@
+"""The Ettin architecture (FlexBERT as configured by every Ettin recipe), encoder and decoder in one class.
+
+Parameter names are those of the original training code's state dict (`bert.embeddings.tok_embeddings`,
+`bert.encoder.layers.{i}.attn.Wqkv`, `head.*` / `lm_head.*`, `decoder.*`), so raw checkpoints of the
+original runs load without a key map.
+
+The layers run on *unpadded* tokens: `Packed` holds the real tokens of a batch as one (tokens, hidden)
+stream, so padding costs no FLOPs in projections, MLPs and norms. Attention is the only place that
+needs sequence structure; it has two backends in one module:
+  - "flash": flash-attn's varlen kernel on the packed stream (CUDA, bf16/fp16);
+  - "sdpa":  PyTorch scaled_dot_product_attention on a re-padded view with a boolean mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ettin_train.model.config import ModelConfig
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class Packed:
+    """Where the real tokens of a right- (or left-) padded batch live, and per-batch caches."""
+
+    indices: torch.Tensor  # (tokens,) flat positions in the (batch * seq) grid
+    positions: torch.Tensor  # (tokens,) position of each token within its sequence
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32 sequence boundaries in the packed stream
+    max_seqlen: int
+    batch: int
+    seqlen: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Packed":
+        mask = attention_mask.bool()
+        lengths = mask.sum(1, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(
+            indices=mask.flatten().nonzero().squeeze(1),
+            positions=(mask.cumsum(1) - 1)[mask],
+            cu_seqlens=cu,
+            max_seqlen=int(lengths.max()) if lengths.numel() else 0,
+            batch=mask.shape[0],
+            seqlen=mask.shape[1],
+        )
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) -> (batch, seq, ...) with zeros at padding."""
+        out = x.new_zeros(self.batch * self.seqlen, *x.shape[1:])
+        return out.index_copy(0, self.indices, x).view(self.batch, self.seqlen, *x.shape[1:])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.batch * self.seqlen, *x.shape[2:]).index_select(0, self.indices)
+
+    def rope(self, theta: float, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", theta, dim, dtype)
+        if key not in self._cache:
+            inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=self.positions.device, dtype=torch.float32) / dim)
+            freqs = self.positions.float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (tokens, 1, dim): broadcast over heads
+            self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._cache[key]
+
+    def sdpa_mask(self, half_window: int, causal: bool) -> torch.Tensor:
+        """(batch, 1, seq, seq) boolean mask: True where a query may attend to a key."""
+        key = ("mask", half_window, causal)
+        if key not in self._cache:
+            device = self.indices.device
+            valid = torch.zeros(self.batch * self.seqlen, dtype=torch.bool, device=device)
+            valid[self.indices] = True
+            valid = valid.view(self.batch, self.seqlen)
+            i = torch.arange(self.seqlen, device=device)
+            rel = i[None, :] - i[:, None]  # key - query
+            allowed = torch.ones_like(rel, dtype=torch.bool)
+            if half_window >= 0:
+                allowed &= rel.abs() <= half_window
+            if causal:
+                allowed &= rel <= 0
+            mask = allowed[None, :, :] & valid[:, None, :] & valid[:, :, None]
+            # Padding queries attend to themselves so no row is empty (an empty row gives NaN in SDPA).
+            mask |= torch.eye(self.seqlen, dtype=torch.bool, device=device)[None]
+            self._cache[key] = mask[:, None]
+        return self._cache[key]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved (GPT-NeoX) rotary embedding over the whole head dim, as the original."""
+    return x * cos + rotate_half(x) * sin
+
+
+def LayerNorm(cfg: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=False)
+
+
+class Attention(nn.Module):
+    """Global layers see the whole sequence; local layers see sliding_window // 2 tokens each side."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.causal = cfg.num_heads, cfg.head_dim, cfg.causal
+        is_global = cfg.is_global_layer(layer_id)
+        self.half_window = -1 if is_global else cfg.sliding_window // 2
+        self.rope_theta = cfg.rope_theta_global if is_global else cfg.local_theta
+        self.backend = cfg.attention_backend
+        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.out_drop = nn.Dropout(cfg.attn_out_dropout)
+
+    def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        cos, sin = packed.rope(self.rope_theta, self.head_dim, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self._use_flash(q):
+            out = flash_attn_varlen_func(
+                q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                causal=self.causal, window_size=(self.half_window, self.half_window),
+            )
+        else:
+            q, k, v = (packed.pad(t).transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.sdpa_mask(self.half_window, self.causal))
+            out = packed.unpad(out.transpose(1, 2))
+        return self.out_drop(self.Wo(out.reshape(x.shape[0], -1)))
+
+    def _use_flash(self, q: torch.Tensor) -> bool:
+        if self.backend == "sdpa":
+            return False
+        usable = flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if self.backend == "flash" and not usable:
+            raise RuntimeError("model.attention_backend=flash needs flash-attn, a CUDA device and bf16/fp16 activations")
+        return usable
+
+
+class GLU(nn.Module):
+    """GeGLU: Wi projects to 2 x intermediate, split into input and gate, Wo(gelu(input) * gate)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.Wi = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.act = nn.GELU()
+        self.Wo = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.act(inp) * gate)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        # The embedding output is already normalised, so the first layer skips its attention norm.
+        self.attn_norm = nn.Identity() if layer_id == 0 else LayerNorm(cfg)
+        self.attn = Attention(cfg, layer_id)
+        self.mlp_norm = LayerNorm(cfg)
+        self.mlp = GLU(cfg)
+
+    def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), packed)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.embedding_padding_idx)
+        self.norm = LayerNorm(cfg)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))})
+        self.final_norm = LayerNorm(cfg)
+
+    def forward(self, input_ids: torch.Tensor, packed: Packed) -> torch.Tensor:
+        x = self.embeddings(input_ids.flatten()[packed.indices])
+        for layer in self.encoder["layers"]:
+            x = layer(x, packed)
+        return self.final_norm(x)
+
+
+class PredictionHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.act = nn.GELU()
+        self.norm = LayerNorm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+class EttinModel(nn.Module):
+    """Backbone + prediction head + output projection tied to the token embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = Backbone(cfg)
+        # The original names the head `lm_head` in its causal class and `head` in its masked-LM class.
+        self.head_name = "lm_head" if cfg.causal else "head"
+        self.add_module(self.head_name, PredictionHead(cfg))
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+        self.decoder.weight = self.bert.embeddings.tok_embeddings.weight
+        self.reset_parameters()
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packed]:
+        """Final hidden states of the real tokens, (tokens, hidden), and where they sit in the batch."""
+        packed = Packed.from_mask(attention_mask)
+        return self.bert(input_ids, packed), packed
+
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for the given hidden states (only call it on the positions you score)."""
+        return self.decoder(getattr(self, self.head_name)(hidden))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position, (batch, seq, vocab), zeros at padding. For inference and tests."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden, packed = self.encode(input_ids, attention_mask)
+        return packed.pad(self.predict(hidden))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """`full_megatron`: truncated normal (+-2 std); output projections scaled by 1/sqrt(2 * layers)."""
+        cfg = self.config
+        std = cfg.init_std
+        out_std = std / math.sqrt(2.0 * cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module is not self.decoder:
+                s = out_std if name.endswith(".Wo") else std
+                nn.init.trunc_normal_(module.weight, std=s, a=-cfg.init_cutoff_factor * s, b=cfg.init_cutoff_factor * s)
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=std, a=-cfg.init_cutoff_factor * std, b=cfg.init_cutoff_factor * std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+        nn.init.zeros_(self.decoder.bias)
+
+    def num_params(self) -> int:
+        """Unique parameters: the tied decoder weight counts once, its bias counts."""
+        return sum(p.numel() for p in self.parameters())

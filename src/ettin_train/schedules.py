@@ -1,0 +1,34 @@
+"""Learning-rate multipliers as plain functions of the clock (tokens or steps since the phase began).
+
+They reproduce the original schedulers (`bert24 src/scheduler.py`, Composer's LinearScheduler):
+  warmup_stable_decay: linear 1e-10 -> 1 over `warmup`, 1 until the last `decay`, then linear to alpha_f.
+  one_minus_sqrt:      the same warmup, then alpha_f + (1 - alpha_f) * (1 - sqrt(progress)) over `decay`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ettin_train.config.schema import Duration, SchedulerConfig
+
+WARMUP_START = 1e-10  # Composer's LinearScheduler(alpha_i=1e-10) used by the original WSD warmup
+
+
+def lr_multiplier(cfg: SchedulerConfig, t: float, total: float) -> float:
+    warmup = Duration.parse(cfg.warmup)[0]
+    decay = total - warmup if cfg.decay is None else Duration.parse(cfg.decay)[0]
+    decay_start = total - decay
+    if t < warmup:
+        return WARMUP_START + (1.0 - WARMUP_START) * t / warmup
+    if t < decay_start or decay <= 0:
+        return 1.0
+    progress = min(1.0, (t - decay_start) / decay)
+    if cfg.name == "warmup_stable_decay":
+        return 1.0 + (cfg.alpha_f - 1.0) * progress
+    if cfg.name == "one_minus_sqrt":
+        return cfg.alpha_f + (1.0 - cfg.alpha_f) * (1.0 - math.sqrt(progress))
+    raise ValueError(f"scheduler.name: unknown schedule {cfg.name!r}")
+
+
+def final_multiplier(cfg: SchedulerConfig, total: float) -> float:
+    return lr_multiplier(cfg, total, total)

@@ -1,0 +1,104 @@
+"""The architecture: published sizes and parameter names, tied weights, and the unpadded path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ettin_train.model import SIZES, EttinModel, ModelConfig, Packed
+
+# Parameter counts with tied embeddings and decoder bias (research section 1.4).
+PUBLISHED_PARAMS = {"17m": 16.9e6, "32m": 32.1e6, "68m": 68.5e6, "150m": 149.7e6, "400m": 395.9e6, "1b": 1031.3e6}
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(size=None, num_layers=4, hidden_size=64, intermediate_size=96, num_heads=2, vocab_size=300,
+                sliding_window=8, attn_out_dropout=0.0)
+    return ModelConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_size_presets_have_the_published_parameter_counts(size):
+    with torch.device("meta"):
+        model = EttinModel(ModelConfig(size=size))
+    assert round(model.num_params() / 1e5) == round(PUBLISHED_PARAMS[size] / 1e5)
+
+
+def test_parameter_names_are_the_original_training_code_names():
+    # The 48 keys of FlexBertForMaskedLM with the 17m config (research section 2.2).
+    with torch.device("meta"):
+        enc = EttinModel(ModelConfig(size="17m"))
+        dec = EttinModel(ModelConfig(size="17m", causal=True))
+    expected = {"bert.embeddings.tok_embeddings.weight", "bert.embeddings.norm.weight", "bert.final_norm.weight",
+                "head.dense.weight", "head.norm.weight", "decoder.weight", "decoder.bias"}
+    for i in range(7):
+        layer = f"bert.encoder.layers.{i}."
+        expected |= {layer + k for k in ("attn.Wqkv.weight", "attn.Wo.weight", "mlp_norm.weight", "mlp.Wi.weight", "mlp.Wo.weight")}
+        if i > 0:
+            expected.add(layer + "attn_norm.weight")
+    assert set(enc.state_dict()) == expected and len(expected) == 48
+    assert set(dec.state_dict()) == {k.replace("head.", "lm_head.") if k.startswith("head.") else k for k in expected}
+    assert enc.decoder.weight is enc.bert.embeddings.tok_embeddings.weight
+
+
+def test_shapes_follow_the_original_layout():
+    with torch.device("meta"):
+        sd = EttinModel(ModelConfig(size="150m")).state_dict()
+    assert sd["bert.encoder.layers.3.attn.Wqkv.weight"].shape == (3 * 768, 768)
+    assert sd["bert.encoder.layers.3.mlp.Wi.weight"].shape == (2 * 1152, 768)
+    assert sd["bert.encoder.layers.3.mlp.Wo.weight"].shape == (768, 1152)
+    assert sd["decoder.bias"].shape == (50368,)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_does_not_change_real_positions(causal):
+    torch.manual_seed(0)
+    model = EttinModel(tiny(causal=causal)).eval()
+    ids = torch.randint(5, 300, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[2, 9:] = 0
+    batched = model(ids, mask)
+    for b in range(3):
+        n = int(mask[b].sum())
+        alone = model(ids[b : b + 1, :n])[0]
+        torch.testing.assert_close(batched[b, :n], alone, atol=1e-5, rtol=1e-5)
+        assert batched[b, n:].abs().sum() == 0
+
+
+def test_decoder_never_sees_the_future():
+    torch.manual_seed(0)
+    model = EttinModel(tiny(causal=True)).eval()
+    ids = torch.randint(5, 300, (2, 30))
+    changed = ids.clone()
+    changed[:, 20:] = 7
+    torch.testing.assert_close(model(ids)[:, :20], model(changed)[:, :20])
+    assert not torch.allclose(model(ids)[:, 20:], model(changed)[:, 20:])
+
+
+def test_local_window_is_half_the_sliding_window_each_side():
+    packed = Packed.from_mask(torch.ones(1, 12, dtype=torch.long))
+    mask = packed.sdpa_mask(half_window=4, causal=False)[0, 0]
+    assert mask[6].nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    causal = packed.sdpa_mask(half_window=4, causal=True)[0, 0]
+    assert causal[6].nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 6]
+    model = EttinModel(tiny(num_layers=3))
+    assert [layer.attn.half_window for layer in model.bert.encoder["layers"]] == [-1, 4, 4]  # global on 0, 3, 6, ...
+
+
+def test_local_layers_use_local_theta():
+    model = EttinModel(tiny(num_layers=4, rope_theta_global=160000.0, rope_theta_local=10000.0))
+    thetas = [layer.attn.rope_theta for layer in model.bert.encoder["layers"]]
+    assert thetas == [160000.0, 10000.0, 10000.0, 160000.0]
+    assert EttinModel(tiny(rope_theta_global=5.0)).bert.encoder["layers"][1].attn.rope_theta == 5.0  # None -> global
+
+
+def test_first_layer_skips_attention_norm_and_init_is_truncated():
+    torch.manual_seed(0)
+    model = EttinModel(tiny())
+    layers = model.bert.encoder["layers"]
+    assert isinstance(layers[0].attn_norm, torch.nn.Identity) and isinstance(layers[1].attn_norm, torch.nn.LayerNorm)
+    w = layers[1].attn.Wqkv.weight
+    assert w.abs().max() <= 2 * 0.02 + 1e-7 and 0.015 < w.std() < 0.025
+    assert layers[1].attn.Wo.weight.std() < w.std() / 2  # output projections scaled by 1/sqrt(2 * layers)
+    assert model.decoder.bias.abs().sum() == 0

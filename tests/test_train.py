@@ -1,0 +1,99 @@
+"""Real Composer runs of train.py on real MDS shards: checkpoints, exact resume, phase starts, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ettin_train.checkpoint import load_checkpoint, model_state_dict
+from tests.conftest import run_train, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _final(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "latest-rank0.pt")
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    wa, wb = model_state_dict(a), model_state_dict(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"weight {k} differs"
+    oa, ob = a["state"]["optimizers"]["StableAdamW"]["state"], b["state"]["optimizers"]["StableAdamW"]["state"]
+    for idx in oa:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(oa[idx][key], ob[idx][key]), f"optimizer {key} of param {idx} differs"
+    assert a["state"]["timestamp"]["Timestamp"]["token"] == b["state"]["timestamp"]["Timestamp"]["token"]
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_data, tmp_path, objective):
+    whole = write_recipe(tmp_path / "whole.yaml", tiny_recipe(tiny_data, tmp_path / "whole", objective))
+    run_train(str(whole))
+
+    split_dir = tmp_path / "split"
+    split = write_recipe(tmp_path / "split.yaml", tiny_recipe(tiny_data, split_dir, objective))
+    first = run_train(str(split), "train.stop_after=6ba")  # ends with a checkpoint at step 6 (not a multiple of 4)
+    assert "done at step 6" in first.stdout
+    assert sorted(p.name for p in (split_dir / "checkpoints").glob("ep*.pt")) == ["ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"]
+    second = run_train(str(split))
+    assert "resuming from" in second.stdout and "step      8" in second.stdout and "step      4 " not in second.stdout
+    _assert_same_training_state(_final(tmp_path / "whole"), _final(split_dir))
+    assert (split_dir / "recipe.yaml").exists()
+
+
+def test_next_phase_takes_weights_and_moments_but_its_own_lr_and_clock(tiny_data, tmp_path):
+    pre = write_recipe(tmp_path / "pre.yaml", tiny_recipe(tiny_data, tmp_path / "pre"))
+    run_train(str(pre))
+    ext_recipe = tiny_recipe(
+        tiny_data, tmp_path / "ext", phase="extension",
+        data={"path": str(tiny_data / "long"), "seq_len": 128},
+        model={"rope_theta_global": 160000.0},
+        optimizer={"lr": 1.5e-3},
+        scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5},
+        train={"max_duration": "4ba"},
+        init={"checkpoint": str(tmp_path / "pre"), "load": "model+optimizer"},
+    )
+    ext = run_train(str(write_recipe(tmp_path / "ext.yaml", ext_recipe)))
+    assert "model weights and optimizer moments from" in ext.stdout and "(its step 12)" in ext.stdout
+    start = load_checkpoint(tmp_path / "pre" / "checkpoints" / "ep0-ba12-rank0.pt")
+    end = _final(tmp_path / "ext")
+    assert end["state"]["timestamp"]["Timestamp"]["batch"] == 4  # the clock restarted
+    groups = end["state"]["optimizers"]["StableAdamW"]["param_groups"]
+    assert groups[0]["initial_lr"] == pytest.approx(1.5e-3)  # the new phase's lr, not the old peak
+    # the lr of the 4th step, set after the 3rd: 1-sqrt from 1.5e-3 towards 0.5 x 1.5e-3 at 3/4 of the phase
+    assert groups[0]["lr"] == pytest.approx(1.5e-3 * (0.5 + 0.5 * (1 - (3 / 4) ** 0.5)), rel=1e-6)
+    assert int(groups[0]["step"]) == 12 + 4  # Adam's step count continued with the moments
+    # weights moved on from the pre-training weights, not from a fresh initialisation
+    w0 = model_state_dict(start)["bert.encoder.layers.1.mlp.Wi.weight"]
+    w1 = model_state_dict(end)["bert.encoder.layers.1.mlp.Wi.weight"]
+    assert (w1 - w0).abs().max() < 0.1 * w0.abs().max()
+
+
+def test_two_process_gloo_run_through_the_composer_launcher(tiny_data, tmp_path):
+    recipe = write_recipe(tmp_path / "ddp.yaml", tiny_recipe(tiny_data, tmp_path / "ddp", train={"max_duration": "6ba"},
+                                                             checkpoint={"interval": "3ba"}))
+    composer = Path(shutil.which("composer", path=str(Path(__import__("sys").executable).parent)))
+    proc = run_train(str(recipe), launcher=[str(composer), "-n", "2", "--master_port", "29731"])
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    ckpt = _final(tmp_path / "ddp")
+    assert ckpt["state"]["timestamp"]["Timestamp"]["batch"] == 6
+    assert ckpt["state"]["metadata"]["world_size"] == 2
+    assert len(ckpt["rng"]) == 2  # one RNG state per rank
+    assert all(torch.isfinite(v).all() for v in model_state_dict(ckpt).values())
+
+
+def test_plan_json_has_the_contract_keys():
+    proc = run_train("yamls/demo/encoder/decay.yaml", "--plan", "--json")
+    plan = json.loads(proc.stdout)
+    for key in ("objective", "size", "params", "seq_len", "global_batch", "tokens", "steps", "lr_peak", "lr_final",
+                "mask_rate", "rope_theta_global", "rope_theta_local", "init_from"):
+        assert key in plan
+    assert plan["objective"] == "mlm" and isinstance(plan["params"], int) and plan["mask_rate"] == 0.15
+    assert plan["lr_final"] == pytest.approx(1.5e-3 * 0.04)
+    assert plan["init_from"]["checkpoint"] == "demo_runs/encoder/extension"

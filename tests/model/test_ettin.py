@@ -102,3 +102,24 @@ def test_first_layer_skips_attention_norm_and_init_is_truncated():
     assert w.abs().max() <= 2 * 0.02 + 1e-7 and 0.015 < w.std() < 0.025
     assert layers[1].attn.Wo.weight.std() < w.std() / 2  # output projections scaled by 1/sqrt(2 * layers)
     assert model.decoder.bias.abs().sum() == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("half_window", [-1, 4, 5])
+def test_per_sequence_attention_equals_padded_masked_attention(causal, half_window):
+    """The CPU path (one sequence at a time, local layers in blocks) computes the same attention as
+    one SDPA call on the re-padded batch with the full boolean mask (the GPU fallback)."""
+    import torch.nn.functional as F
+
+    from ettin_train.model.ettin import packed_sdpa
+
+    torch.manual_seed(0)
+    mask = torch.zeros(4, 23, dtype=torch.long)
+    for b, n in enumerate((23, 1, 6, 17)):
+        mask[b, :n] = 1
+    packed = Packed.from_mask(mask)
+    q, k, v = (torch.randn(int(mask.sum()), 2, 8) for _ in range(3))
+    ours = packed_sdpa(q, k, v, packed, half_window, causal)
+    qp, kp, vp = (packed.pad(t).transpose(1, 2) for t in (q, k, v))
+    padded = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=packed.sdpa_mask(half_window, causal))
+    torch.testing.assert_close(ours, packed.unpad(padded.transpose(1, 2)), atol=1e-5, rtol=1e-5)

@@ -62,6 +62,8 @@ class ModelConfig:
                 raise ValueError(f"model.{name}: missing (set model.size or give it explicitly)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
+        if self.sliding_window < 2:
+            raise ValueError(f"model.sliding_window must be at least 2 (a window of sliding_window // 2 each side), got {self.sliding_window}")
         if self.attention_backend not in ("auto", "sdpa", "flash"):
             raise ValueError(f"model.attention_backend: {self.attention_backend!r} is not one of auto, sdpa, flash")
 

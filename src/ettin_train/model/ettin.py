@@ -8,7 +8,8 @@ The layers run on *unpadded* tokens: `Packed` holds the real tokens of a batch a
 stream, so padding costs no FLOPs in projections, MLPs and norms. Attention is the only place that
 needs sequence structure; it has two backends in one module:
   - "flash": flash-attn's varlen kernel on the packed stream (CUDA, bf16/fp16);
-  - "sdpa":  PyTorch scaled_dot_product_attention on a re-padded view with a boolean mask.
+  - "sdpa":  PyTorch scaled_dot_product_attention; on CPU one sequence at a time (local layers in
+             window-sized blocks), on GPU on a re-padded view with a boolean mask.
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ class Packed:
             self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self._cache[key]
 
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each sequence in the packed stream (one host sync per batch)."""
+        if "spans" not in self._cache:
+            cu = self.cu_seqlens.tolist()
+            self._cache["spans"] = list(zip(cu[:-1], cu[1:]))
+        return self._cache["spans"]
+
+    def block_mask(self, n: int, half_window: int, causal: bool) -> torch.Tensor:
+        """(blocks, 1, w, keys) boolean mask of `windowed_sdpa` for a sequence of n tokens."""
+        key = ("blocks", n, half_window, causal)
+        if key not in self._cache:
+            w, device = half_window, self.indices.device
+            span = 2 * w if causal else 3 * w  # keys per block: the blocks before (and after) and its own
+            blocks = -(-n // w)
+            rel = torch.arange(span, device=device)[None, :] - w - torch.arange(w, device=device)[:, None]
+            allowed = (rel <= 0) & (rel >= -w) if causal else rel.abs() <= w  # (w, span): key - query
+            key_pos = torch.arange(blocks, device=device)[:, None] * w - w + torch.arange(span, device=device)
+            valid = (key_pos >= 0) & (key_pos < n)  # (blocks, span)
+            # The padded queries of the last block keep their own key, so no row is empty.
+            mask = (allowed[None] & valid[:, None, :]) | (rel == 0)[None]
+            self._cache[key] = mask[:, None]
+        return self._cache[key]
+
     def sdpa_mask(self, half_window: int, causal: bool) -> torch.Tensor:
         """(batch, 1, seq, seq) boolean mask: True where a query may attend to a key."""
         key = ("mask", half_window, causal)
@@ -91,6 +115,36 @@ class Packed:
             mask |= torch.eye(self.seqlen, dtype=torch.bool, device=device)[None]
             self._cache[key] = mask[:, None]
         return self._cache[key]
+
+
+def windowed_sdpa(q, k, v, packed: Packed, n: int, half_window: int, causal: bool) -> torch.Tensor:
+    """Sliding-window attention of one sequence, (heads, n, dim), in blocks: each block of w = half_window
+    queries attends to the 3w keys of the blocks before, at and after it (causal: before and at), masked to
+    |key - query| <= w. Costs n * 3w scores instead of n^2."""
+    w = half_window
+    h, _, d = q.shape
+    blocks = -(-n // w)
+    pad = blocks * w - n
+    span, after = (2 * w, pad) if causal else (3 * w, pad + w)
+    qb = F.pad(q, (0, 0, 0, pad)).view(h, blocks, w, d).transpose(0, 1)  # (blocks, heads, w, dim)
+    kb, vb = (F.pad(t, (0, 0, w, after)).unfold(1, span, w).permute(1, 0, 3, 2) for t in (k, v))
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=packed.block_mask(n, w, causal))
+    return out.transpose(0, 1).reshape(h, blocks * w, d)[:, :n]
+
+
+def packed_sdpa(q, k, v, packed: Packed, half_window: int, causal: bool) -> torch.Tensor:
+    """SDPA on the packed stream one sequence at a time: no padding and no (seq x seq) mask. Global layers
+    run each sequence whole (`is_causal` for decoders); local layers run `windowed_sdpa`."""
+    out = []
+    for start, end in packed.spans():
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, dim)
+        n = end - start
+        if half_window < 0 or n <= half_window + 1:  # the window does not bind
+            o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=causal)[0]
+        else:
+            o = windowed_sdpa(qs, ks, vs, packed, n, half_window, causal)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +184,8 @@ class Attention(nn.Module):
                 q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                 causal=self.causal, window_size=(self.half_window, self.half_window),
             )
+        elif not q.is_cuda:  # per sequence: cheaper than a padded batch with a (seq x seq) mask on CPU
+            out = packed_sdpa(q, k, v, packed, self.half_window, self.causal)
         else:
             q, k, v = (packed.pad(t).transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.sdpa_mask(self.half_window, self.causal))

@@ -16,6 +16,16 @@ os.environ["WANDB_MODE"] = "disabled"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_streaming_memory():
+    """streaming keeps shared memory per dataset; a crashed earlier run can leave some behind."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    yield
+    clean_stale_shared_memory()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """`tokenizer/` (byte-level BPE, 512 tokens, ModernBERT special tokens) and MDS folders `short`

@@ -58,6 +58,7 @@ def test_next_phase_takes_weights_and_moments_but_its_own_lr_and_clock(tiny_data
         scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5},
         train={"max_duration": "4ba"},
         init={"checkpoint": str(tmp_path / "pre"), "load": "model+optimizer"},
+        logging={"console_interval": 2, "wandb": {"project": "ettin-test", "mode": "offline"}},
     )
     ext = run_train(str(write_recipe(tmp_path / "ext.yaml", ext_recipe)))
     assert "model weights and optimizer moments from" in ext.stdout and "(its step 12)" in ext.stdout
@@ -73,6 +74,8 @@ def test_next_phase_takes_weights_and_moments_but_its_own_lr_and_clock(tiny_data
     w0 = model_state_dict(start)["bert.encoder.layers.1.mlp.Wi.weight"]
     w1 = model_state_dict(end)["bert.encoder.layers.1.mlp.Wi.weight"]
     assert (w1 - w0).abs().max() < 0.1 * w0.abs().max()
+    # the recipe's wandb logger ran (offline: no key, no network), inside the run folder
+    assert list((tmp_path / "ext" / "wandb").glob("offline-run-*/files"))
 
 
 def test_two_process_gloo_run_through_the_composer_launcher(tiny_data, tmp_path):

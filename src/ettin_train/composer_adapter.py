@@ -21,7 +21,7 @@ from composer.utils import dist, reproducibility
 from optimi import StableAdamW
 from torch.utils.data import DataLoader
 
-from ettin_train.checkpoint import load_checkpoint, model_state_dict
+from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.mds import FramedMDSDataset
 from ettin_train.model import EttinModel
@@ -79,7 +79,7 @@ class Progress(Callback):
         tokens = state.timestamp.token.value
         tok_per_s = (tokens - self.start_tokens) / max(elapsed, 1e-9)
         progress, rate = (tokens, tok_per_s) if self.unit == "tok" else (step, (step - self.start_batch) / max(elapsed, 1e-9))
-        eta = (self.total - progress) / rate if rate > 0 else float("nan")
+        eta = max(0.0, self.total - progress) / rate if rate > 0 else float("nan")
         lr = state.optimizers[0].param_groups[0]["lr"]
         loss = float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan")
         print(f"[{self.name}] step {step:>6}  loss {loss:7.4f}  lr {lr:.2e}  tokens {_si(tokens)}/{_si(self.total) if self.unit == 'tok' else '?'}"
@@ -118,6 +118,14 @@ class RestoreRngMidEpoch(Callback):
             self.rng_state = None
 
 
+class MetricsOnlyWandB(WandBLogger):
+    """Composer's autoresume asks every logger for the latest checkpoint, and WandBLogger then calls the
+    wandb API, which fails without an API key (offline runs). Checkpoints live in the run folder only."""
+
+    def download_file(self, remote_file_name: str, *args, **kwargs) -> None:
+        raise FileNotFoundError(f"{remote_file_name}: checkpoints are not stored in wandb")
+
+
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> StableAdamW:
     """StableAdamW with fully decoupled weight decay; no decay for norms and biases (ndim <= 1)."""
     decay, no_decay = [], []
@@ -135,11 +143,23 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> StableAdamW:
 def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: StableAdamW) -> str:
     """Load what `init.load` declares from the previous phase's checkpoint. The learning rate, the
     schedule and the clock are this recipe's: only weights (and moments) come from the checkpoint."""
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(model_state_dict(ckpt), strict=True)
+    try:
+        file = find_checkpoint(path)
+    except FileNotFoundError as e:
+        sys.exit(f"error: init.checkpoint: {e}")
+    ckpt = load_checkpoint(file)
+    weights = model_state_dict(ckpt)
+    missing, unexpected = sorted(set(model.state_dict()) - set(weights)), sorted(set(weights) - set(model.state_dict()))
+    shapes = [k for k, v in model.state_dict().items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        sys.exit(f"error: init.checkpoint {file} does not fit this recipe's model ({recipe.objective}, {model.num_params():,} "
+                 f"parameters): missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
+    model.load_state_dict(weights, strict=True)
     taken = "model weights"
     if recipe.init.load == "model+optimizer":
-        saved = ckpt["state"]["optimizers"]["StableAdamW"]
+        saved = ckpt["state"].get("optimizers", {}).get("StableAdamW")
+        if saved is None:
+            sys.exit(f"error: init.checkpoint {file} has no StableAdamW state; set init.load=model to take only the weights")
         optimizer.load_state_dict(saved)
         opt = recipe.optimizer
         for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
@@ -148,7 +168,7 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: St
             group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=wd, betas=tuple(opt.betas), eps=opt.eps)
         taken += " and optimizer moments"
     step = ckpt["state"]["timestamp"]["Timestamp"]["batch"]
-    return f"{taken} from {path} (its step {int(step)}); clock, schedule and learning rate start fresh"
+    return f"{taken} from {file} (its step {int(step)}); clock, schedule and learning rate start fresh"
 
 
 def run(recipe: Recipe) -> None:
@@ -209,7 +229,7 @@ def run(recipe: Recipe) -> None:
     if wandb.project and wandb.mode != "disabled":
         mode = wandb.mode if wandb.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         os.environ["WANDB_MODE"] = mode
-        loggers.append(WandBLogger(project=wandb.project, entity=wandb.entity, init_kwargs={"dir": str(run_dir)}))
+        loggers.append(MetricsOnlyWandB(project=wandb.project, entity=wandb.entity, init_kwargs={"dir": str(run_dir)}))
 
     precision = recipe.train.precision if recipe.train.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
     trainer = Trainer(

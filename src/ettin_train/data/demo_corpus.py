@@ -13,7 +13,9 @@ SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 
 
 def stdlib_docstrings(max_chars: int, min_words: int = 12) -> Iterator[tuple[str, str]]:
-    """(id, text) of docstrings in the standard library, in a fixed order, up to `max_chars` in all."""
+    """(id, text) documents, one per standard-library module: its docstrings joined by blank lines,
+    in a fixed order, up to `max_chars` in all. Whole modules give documents long enough for the
+    long-context phases."""
     root = Path(sysconfig.get_paths()["stdlib"])
     total = 0
     for path in sorted(root.rglob("*.py")):
@@ -24,17 +26,15 @@ def stdlib_docstrings(max_chars: int, min_words: int = 12) -> Iterator[tuple[str
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or len(doc.split()) < min_words:
-                continue
-            name = getattr(node, "name", "<module>")
-            yield f"{rel}:{name}:{getattr(node, 'lineno', 0)}", doc
-            total += len(doc)
-            if total >= max_chars:
-                return
+        docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        text = "\n\n".join(d for d in docs if d and len(d.split()) >= min_words)
+        if not text:
+            continue
+        yield str(rel), text
+        total += len(text)
+        if total >= max_chars:
+            return
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
@@ -70,6 +70,6 @@ def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dic
     docs = list(stdlib_docstrings(max_chars))
     tok = train_tokenizer([text for _, text in docs], vocab_size, str(Path(out_dir) / "tokenizer"))
     encoded = [(doc_id, ids) for (doc_id, _), ids in
-               zip(docs, tok([text for _, text in docs], add_special_tokens=False)["input_ids"])]
+               zip(docs, tok([text for _, text in docs], add_special_tokens=False, verbose=False)["input_ids"])]
     return {name: write_shards(str(Path(out_dir) / name), encoded, seq_len, tok.cls_token_id, tok.sep_token_id)
             for name, seq_len in seq_lens.items()}

@@ -100,3 +100,34 @@ def test_plan_json_has_the_contract_keys():
     assert plan["objective"] == "mlm" and isinstance(plan["params"], int) and plan["mask_rate"] == 0.15
     assert plan["lr_final"] == pytest.approx(1.5e-3 * 0.04)
     assert plan["init_from"]["checkpoint"] == "demo_runs/encoder/extension"
+
+
+def test_a_run_starts_from_an_imported_transformers_checkpoint(tiny_data, tmp_path):
+    """ettin-import turns a transformers ModernBERT folder into a checkpoint a recipe starts from."""
+    import subprocess
+    import sys
+
+    from ettin_train.checkpoint.hf import to_hf
+    from ettin_train.config import load_recipe
+    from ettin_train.model import EttinModel
+
+    recipe = tiny_recipe(tiny_data, tmp_path / "run", train={"max_duration": "2ba"},
+                         init={"checkpoint": str(tmp_path / "imported.pt"), "load": "model"})
+    path = write_recipe(tmp_path / "run.yaml", recipe)
+    torch.manual_seed(3)
+    source = EttinModel(load_recipe(path)[0].model)
+    ids = dict(pad_token_id=3, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, mask_token_id=4)
+    to_hf(source, **ids).save_pretrained(tmp_path / "hf")
+    subprocess.run([sys.executable, "-m", "ettin_train.import_hf", str(tmp_path / "hf"), str(tmp_path / "imported.pt")],
+                   check=True, capture_output=True)
+
+    refused = run_train(str(path), "init.load=model+optimizer", check=False)
+    assert refused.returncode != 0 and "has no StableAdamW state" in refused.stderr and "imported.pt" in refused.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    proc = run_train(str(path))
+    assert "model weights from" in proc.stdout and "imported.pt" in proc.stdout
+    trained = model_state_dict(_final(tmp_path / "run"))
+    start = source.state_dict()["bert.encoder.layers.1.mlp.Wi.weight"]
+    moved = trained["bert.encoder.layers.1.mlp.Wi.weight"] - start
+    assert 0 < moved.abs().max() < 0.1 * start.abs().max()  # trained on from the imported weights

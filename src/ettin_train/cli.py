@@ -1,4 +1,4 @@
-"""`python train.py RECIPE.yaml [dotted.key=value ...] [--plan [--json]]`."""
+"""`python train.py RECIPE.yaml [dotted.key=value ...] [--plan [--json]] [--plot lr.png]`."""
 
 from __future__ import annotations
 
@@ -17,12 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_duration=100ba")
     parser.add_argument("--plan", action="store_true", help="print what the recipe will do, then exit")
     parser.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON object")
+    parser.add_argument("--plot", metavar="PNG", help="draw the learning rate and batch size against tokens for this recipe "
+                        "and the earlier phases it starts from into PNG, then exit")
     args = parser.parse_intermixed_args(argv)
     try:
         recipe, _ = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plot:
+        from ettin_train.plot import plot_schedule
+
+        series = plot_schedule(args.recipe, args.plot, args.overrides)
+        phases = " -> ".join(s["recipe"] for s in series)
+        print(f"wrote {args.plot}: {phases}", file=sys.stderr if args.json else sys.stdout)
     if args.plan:
         from ettin_train.plan import format_plan, make_plan
 
@@ -32,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(format_plan(plan))
             print("\nresolved recipe:\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        return 0
+    if args.plot:
         return 0
     from ettin_train.composer_adapter import run
 

@@ -149,13 +149,25 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: St
         sys.exit(f"error: init.checkpoint: {e}")
     ckpt = load_checkpoint(file)
     weights = model_state_dict(ckpt)
+    # The encoder names its prediction head `head.*`, the decoder `lm_head.*` (as the original classes).
+    # A cross-objective continuation takes the other objective's weights with the head renamed.
+    renamed = ""
+    ours, theirs = model.head_name, "head" if model.head_name == "lm_head" else "lm_head"
+    if recipe.init.load == "model" and any(k.startswith(f"{theirs}.") for k in weights) \
+            and not any(k.startswith(f"{ours}.") for k in weights):
+        weights = {f"{ours}.{k[len(theirs) + 1:]}" if k.startswith(f"{theirs}.") else k: v for k, v in weights.items()}
+        kind = "decoder" if theirs == "lm_head" else "encoder"
+        renamed = f" ({kind} checkpoint: {theirs}.* renamed {ours}.*)"
     missing, unexpected = sorted(set(model.state_dict()) - set(weights)), sorted(set(weights) - set(model.state_dict()))
     shapes = [k for k, v in model.state_dict().items() if k in weights and weights[k].shape != v.shape]
     if missing or unexpected or shapes:
+        if recipe.init.load != "model" and any(k.startswith(("head.", "lm_head.")) for k in missing):
+            sys.exit(f"error: init.checkpoint {file} is a checkpoint of the other objective; a cross-objective start "
+                     "takes the weights only: set init.load=model")
         sys.exit(f"error: init.checkpoint {file} does not fit this recipe's model ({recipe.objective}, {model.num_params():,} "
                  f"parameters): missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
     model.load_state_dict(weights, strict=True)
-    taken = "model weights"
+    taken = f"model weights{renamed}"
     if recipe.init.load == "model+optimizer":
         saved = ckpt["state"].get("optimizers", {}).get("StableAdamW")
         if saved is None:

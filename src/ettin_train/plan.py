@@ -52,7 +52,7 @@ def make_plan(recipe: Recipe) -> dict:
         "lr_peak": recipe.optimizer.lr,
         "lr_final": recipe.optimizer.lr * final_multiplier(recipe.scheduler, total),
         "weight_decay": recipe.optimizer.weight_decay,
-        "mask_rate": recipe.data.mask_rate if objective.name == "mlm" else 0.0,
+        "mask_rate": 0.0 if objective.causal else recipe.data.mask_rate,
         "rope_theta_global": cfg.rope_theta_global,
         "rope_theta_local": cfg.local_theta,
         "sliding_window": cfg.sliding_window,
@@ -79,7 +79,7 @@ def format_plan(plan: dict) -> str:
         ("budget", f"{plan['tokens']:,} tokens, {est}{plan['steps']:,} steps "
                    f"(at {plan['mean_tokens_per_seq']:.0f} real tokens per sequence)"),
         ("schedule", f"{plan['scheduler']}, warmup {plan['warmup']}, lr {plan['lr_peak']:g} -> {plan['lr_final']:g}"),
-        ("masking", f"{plan['mask_rate']:.0%}" if plan["objective"] == "mlm" else "none (causal)"),
+        ("masking", f"{plan['mask_rate']:.0%}" if plan["mask_rate"] else "none (causal)"),
         ("data", plan["data"]),
         ("checkpoints", f"{plan['checkpoints']} in {plan['run_dir']}/checkpoints, autoresume {'on' if plan['autoresume'] else 'off'}"),
         ("starts from", start),

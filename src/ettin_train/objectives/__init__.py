@@ -4,8 +4,9 @@ that defines an `Objective` and one line here."""
 from ettin_train.objectives.base import Objective, SpecialTokens
 from ettin_train.objectives.clm import CLM
 from ettin_train.objectives.mlm import MLM
+from ettin_train.objectives.mntp import MNTP
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MLM, CLM)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MLM, CLM, MNTP)}
 
 
 def get_objective(name: str) -> Objective:

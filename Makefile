@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ettin-installed
-DEMO   ?= demo_runs
 
 .PHONY: setup demo test clean-demo
 
@@ -16,10 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) data_tools/demo.py --out $(DEMO)
+	$(PY) data_tools/demo.py
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf demo_runs

@@ -47,35 +47,51 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_data, tmp_pa
     assert (split_dir / "recipe.yaml").exists()
 
 
-def test_next_phase_takes_weights_and_moments_but_its_own_lr_and_clock(tiny_data, tmp_path):
-    pre = write_recipe(tmp_path / "pre.yaml", tiny_recipe(tiny_data, tmp_path / "pre"))
-    run_train(str(pre))
+def _check_phase_start(prev_run: Path, run: Path, lr: float, alpha_f: float, steps: int, prev_adam_steps: int) -> None:
+    """From the checkpoints: the phase's first step moved the previous phase's final weights by at most a
+    few learning rates (a fresh initialisation would be ~0.1 away), its clock started at 0, its schedule is
+    its own 1-sqrt from `lr`, and Adam's step count went on from the previous phase's."""
+    before = model_state_dict(_final(prev_run))
+    first = load_checkpoint(run / "checkpoints" / "ep0-ba1-rank0.pt")
+    for key in ("bert.encoder.layers.1.mlp.Wi.weight", "bert.encoder.layers.0.attn.Wqkv.weight"):
+        assert (model_state_dict(first)[key] - before[key]).abs().max() < 4 * lr
+    end = _final(run)
+    assert end["state"]["timestamp"]["Timestamp"]["batch"] == steps
+    groups = end["state"]["optimizers"]["StableAdamW"]["param_groups"]
+    assert groups[0]["initial_lr"] == pytest.approx(lr)  # the new phase's lr, not the old peak
+    # the lr of the last step, set after the one before: 1-sqrt from lr towards alpha_f x lr
+    progress = (steps - 1) / steps
+    assert groups[0]["lr"] == pytest.approx(lr * (alpha_f + (1 - alpha_f) * (1 - progress**0.5)), rel=1e-6)
+    assert int(groups[0]["step"]) == prev_adam_steps + steps
+
+
+def test_three_phases_each_start_from_the_previous_with_their_own_lr_and_clock(tiny_data, tmp_path):
+    """The demo's mechanism on tiny recipes: pretrain -> extension -> decay, each via init.checkpoint."""
+    run_train(str(write_recipe(tmp_path / "pre.yaml", tiny_recipe(tiny_data, tmp_path / "pre"))))
+    later = dict(data={"path": str(tiny_data / "long"), "seq_len": 128}, model={"rope_theta_global": 160000.0},
+                 train={"max_duration": "4ba"}, checkpoint={"interval": "1ba"})
     ext_recipe = tiny_recipe(
-        tiny_data, tmp_path / "ext", phase="extension",
-        data={"path": str(tiny_data / "long"), "seq_len": 128},
-        model={"rope_theta_global": 160000.0},
-        optimizer={"lr": 1.5e-3},
+        tiny_data, tmp_path / "ext", phase="extension", **later,
+        optimizer={"lr": 3e-3},
         scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5},
-        train={"max_duration": "4ba"},
         init={"checkpoint": str(tmp_path / "pre"), "load": "model+optimizer"},
         logging={"console_interval": 2, "wandb": {"project": "ettin-test", "mode": "offline"}},
     )
     ext = run_train(str(write_recipe(tmp_path / "ext.yaml", ext_recipe)))
     assert "model weights and optimizer moments from" in ext.stdout and "(its step 12)" in ext.stdout
-    start = load_checkpoint(tmp_path / "pre" / "checkpoints" / "ep0-ba12-rank0.pt")
-    end = _final(tmp_path / "ext")
-    assert end["state"]["timestamp"]["Timestamp"]["batch"] == 4  # the clock restarted
-    groups = end["state"]["optimizers"]["StableAdamW"]["param_groups"]
-    assert groups[0]["initial_lr"] == pytest.approx(1.5e-3)  # the new phase's lr, not the old peak
-    # the lr of the 4th step, set after the 3rd: 1-sqrt from 1.5e-3 towards 0.5 x 1.5e-3 at 3/4 of the phase
-    assert groups[0]["lr"] == pytest.approx(1.5e-3 * (0.5 + 0.5 * (1 - (3 / 4) ** 0.5)), rel=1e-6)
-    assert int(groups[0]["step"]) == 12 + 4  # Adam's step count continued with the moments
-    # weights moved on from the pre-training weights, not from a fresh initialisation
-    w0 = model_state_dict(start)["bert.encoder.layers.1.mlp.Wi.weight"]
-    w1 = model_state_dict(end)["bert.encoder.layers.1.mlp.Wi.weight"]
-    assert (w1 - w0).abs().max() < 0.1 * w0.abs().max()
+    _check_phase_start(tmp_path / "pre", tmp_path / "ext", lr=3e-3, alpha_f=0.5, steps=4, prev_adam_steps=12)
     # the recipe's wandb logger ran (offline: no key, no network), inside the run folder
     assert list((tmp_path / "ext" / "wandb").glob("offline-run-*/files"))
+
+    decay_recipe = tiny_recipe(
+        tiny_data, tmp_path / "decay", phase="decay", **(later | {"data": later["data"] | {"mask_rate": 0.15}}),
+        optimizer={"lr": 1.5e-3},
+        scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.04},
+        init={"checkpoint": str(tmp_path / "ext"), "load": "model+optimizer"},
+    )
+    decay = run_train(str(write_recipe(tmp_path / "decay.yaml", decay_recipe)))
+    assert "(its step 4)" in decay.stdout
+    _check_phase_start(tmp_path / "ext", tmp_path / "decay", lr=1.5e-3, alpha_f=0.04, steps=4, prev_adam_steps=16)
 
 
 def test_two_process_gloo_run_through_the_composer_launcher(tiny_data, tmp_path):

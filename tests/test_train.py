@@ -44,6 +44,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_data, tmp_pa
     second = run_train(str(split))
     assert "resuming from" in second.stdout and "step      8" in second.stdout and "step      4 " not in second.stdout
     _assert_same_training_state(_final(tmp_path / "whole"), _final(split_dir))
+    meta = _final(split_dir)["state"]["callbacks"]["RunMetadata"]
+    assert meta["phase"] == "pretrain" and meta["objective"] == objective
+    assert meta["model"]["causal"] == (objective == "clm") and meta["model"]["hidden_size"] == 64
     assert (split_dir / "recipe.yaml").exists()
 
 

@@ -86,6 +86,23 @@ class Progress(Callback):
               f"  {_si(tok_per_s)} tok/s  ETA {_hms(eta)}", flush=True)
 
 
+class RunMetadata(Callback):
+    """Writes what a checkpoint is into it, under `state.callbacks.RunMetadata`: phase, objective, run
+    name, the resolved model config and tokenizer, so an exporter needs no recipe. (Checkpoints of the
+    original runs lack it; the exporter then asks for --phase.)"""
+
+    def __init__(self, recipe: Recipe):
+        self.metadata = {"phase": recipe.phase, "objective": recipe.objective, "run_name": recipe.run_name,
+                         "model": recipe_to_dict(recipe)["model"], "tokenizer": recipe.data.tokenizer,
+                         "seq_len": recipe.data.seq_len}
+
+    def state_dict(self) -> dict:
+        return dict(self.metadata)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # the running recipe's metadata is the truth; a resumed run writes its own
+
+
 class StopAfter(Callback):
     """`train.stop_after`: end the run with a checkpoint at a point before max_duration (a planned
     preemption) without changing the schedule, which is computed from max_duration."""
@@ -233,7 +250,7 @@ def run(recipe: Recipe) -> None:
               f"[{recipe.run_name}] start: {started}", flush=True)
 
     restore_rng = RestoreRngMidEpoch()
-    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng]
+    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe)]
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))
     loggers = []

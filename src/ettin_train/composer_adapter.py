@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from composer import Callback, ComposerModel, Event, State, Trainer
+from composer import Callback, ComposerModel, State, Trainer
 from composer.core import DataSpec
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.loggers import Logger, WandBLogger

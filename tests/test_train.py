@@ -66,6 +66,7 @@ def _check_phase_start(prev_run: Path, run: Path, lr: float, alpha_f: float, ste
     progress = (steps - 1) / steps
     assert groups[0]["lr"] == pytest.approx(lr * (alpha_f + (1 - alpha_f) * (1 - progress**0.5)), rel=1e-6)
     assert int(groups[0]["step"]) == prev_adam_steps + steps
+    assert (groups[0]["beta1"], groups[0]["beta2"]) == (0.9, 0.95)  # the phase's betas, not the saved ones
 
 
 def test_three_phases_each_start_from_the_previous_with_their_own_lr_and_clock(tiny_data, tmp_path):
@@ -75,7 +76,7 @@ def test_three_phases_each_start_from_the_previous_with_their_own_lr_and_clock(t
                  train={"max_duration": "4ba"}, checkpoint={"interval": "1ba"})
     ext_recipe = tiny_recipe(
         tiny_data, tmp_path / "ext", phase="extension", **later,
-        optimizer={"lr": 3e-3},
+        optimizer={"lr": 3e-3, "betas": [0.9, 0.95]},
         scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5},
         init={"checkpoint": str(tmp_path / "pre"), "load": "model+optimizer"},
         logging={"console_interval": 2, "wandb": {"project": "ettin-test", "mode": "offline"}},
@@ -88,7 +89,7 @@ def test_three_phases_each_start_from_the_previous_with_their_own_lr_and_clock(t
 
     decay_recipe = tiny_recipe(
         tiny_data, tmp_path / "decay", phase="decay", **(later | {"data": later["data"] | {"mask_rate": 0.15}}),
-        optimizer={"lr": 1.5e-3},
+        optimizer={"lr": 1.5e-3, "betas": [0.9, 0.95]},
         scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.04},
         init={"checkpoint": str(tmp_path / "ext"), "load": "model+optimizer"},
     )

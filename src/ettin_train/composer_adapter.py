@@ -194,7 +194,11 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: St
         for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
             # torch restores the saved hyperparameters with the moments; the recipe's values win.
             # `max_lr` (the reference for decoupled weight decay) stays as saved, as in the original.
-            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=wd, betas=tuple(opt.betas), eps=opt.eps)
+            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=wd, beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps)
+            for key, value in optimizer.defaults.items():  # keys an older optimi (the original's 0.2.1) did not save
+                group.setdefault(key, value)
+            if not torch.cuda.is_available():
+                group["triton"] = False  # a GPU run's choice of kernels does not carry over to the CPU
         taken += " and optimizer moments"
     step = ckpt["state"]["timestamp"]["Timestamp"]["batch"]
     return f"{taken} from {file} (its step {int(step)}); clock, schedule and learning rate start fresh"

@@ -6,6 +6,7 @@ another trainer rewrites this file only.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader
 from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.mds import FramedMDSDataset
+from ettin_train.data.order import OrderError, rows_sha256
+from ettin_train.data.replay import ReplayBatches
 from ettin_train.model import EttinModel
 from ettin_train.objectives import Objective, SpecialTokens, get_objective
 from ettin_train.schedules import lr_multiplier
@@ -101,6 +104,50 @@ class RunMetadata(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         pass  # the running recipe's metadata is the truth; a resumed run writes its own
+
+
+class Ledger(Callback):
+    """`ledger.jsonl` in the run folder: one line per step with the step, phase, data step (replay),
+    rows, non-padding tokens, `rows_sha256` (sha256 over the step's global rows in order, each row's
+    non-padding ids as little-endian int32; the same digest data_tools/show_batch.py prints for a step
+    of an order) and `inputs_sha256` (the same over the model's inputs, i.e. after MLM masking)."""
+
+    def __init__(self, path: Path, phase: str):
+        self.path, self.phase = path, phase
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        # A run killed after its last checkpoint wrote lines for steps it will now train again.
+        if dist.get_global_rank() == 0 and self.path.exists():
+            resumed_at = state.timestamp.batch.value
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_at]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        batch = state.batch
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        labels = batch.get("labels")
+        original = ids if labels is None else torch.where(labels.cpu() != -100, labels.cpu(), ids)
+        mine = ([original[i][mask[i]].numpy() for i in range(len(ids))], [ids[i][mask[i]].numpy() for i in range(len(ids))])
+        gathered = dist.all_gather_object(mine)
+        if dist.get_global_rank() != 0:
+            return
+        rows = [r for rank_rows, _ in gathered for r in rank_rows]
+        inputs = [r for _, rank_inputs in gathered for r in rank_inputs]
+        line = {"step": state.timestamp.batch.value, "phase": self.phase,
+                "data_step": int(batch["step"][0]) if "step" in batch else None,
+                "rows": len(rows), "tokens": int(sum(len(r) for r in rows)),
+                "rows_sha256": rows_sha256(rows), "inputs_sha256": rows_sha256(inputs)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+class DataStepCheck(Callback):
+    """Replay: the trainer's step and the order's step must agree at every step."""
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        data_step, step = int(state.batch["step"][0]), state.timestamp.batch.value + 1
+        if data_step != step:
+            raise RuntimeError(f"data step {data_step} != trainer step {step}: the loader drifted from the order")
 
 
 class StopAfter(Callback):
@@ -210,7 +257,7 @@ def run(recipe: Recipe) -> None:
     # Distributed must be up before streaming builds its dataset (streaming starts its own process group).
     dist.initialize_dist(device)
     world = dist.get_world_size()
-    if recipe.train.global_batch % world:
+    if recipe.train.global_batch % world and not recipe.data.order:
         sys.exit(f"error: train.global_batch {recipe.train.global_batch} is not divisible by the world size {world}")
     per_device = recipe.train.global_batch // world
     reproducibility.seed_all(recipe.train.seed)
@@ -235,14 +282,28 @@ def run(recipe: Recipe) -> None:
     else:
         started = "fresh initialisation"
 
-    dataset = FramedMDSDataset(
-        local=recipe.data.path, remote=recipe.data.remote, split=recipe.data.split, shuffle=True,
-        shuffle_seed=recipe.data.shuffle_seed, batch_size=per_device,
-        seq_len=recipe.data.seq_len, tokens=tokens, force_sep=not objective.causal,
-    )
     collate = objective.make_collator(tokens, recipe.data.mask_rate, recipe.train.seed)
-    loader = DataLoader(dataset, batch_size=per_device, collate_fn=collate, num_workers=recipe.data.num_workers,
-                        drop_last=True, persistent_workers=recipe.data.num_workers > 0)
+    workers = dict(num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0)
+    if recipe.data.order:
+        order_phase = recipe.data.order_phase or {"pretrain": "pretrain", "extension": "ext", "decay": "decay"}[recipe.phase]
+        try:
+            dataset = ReplayBatches(recipe.data.order, order_phase, dist.get_global_rank(), world, recipe.data.seq_len, collate)
+        except (OrderError, ValueError, KeyError) as e:
+            sys.exit(f"error: data.order: {e}")
+        steps = dataset.index.steps(order_phase)
+        max_value, max_unit = Duration.parse(recipe.train.max_duration)
+        if max_unit == "ba" and max_value > steps:
+            sys.exit(f"error: train.max_duration {recipe.train.max_duration} is longer than the order's {steps} steps "
+                     f"({recipe.data.order} phase {order_phase})")
+        per_device = int(dataset.index._table(order_phase)[:, 1].max()) // world
+        loader = DataLoader(dataset, batch_size=None, **workers)
+    else:
+        dataset = FramedMDSDataset(
+            local=recipe.data.path, remote=recipe.data.remote, split=recipe.data.split, shuffle=True,
+            shuffle_seed=recipe.data.shuffle_seed, batch_size=per_device,
+            seq_len=recipe.data.seq_len, tokens=tokens, force_sep=not objective.causal,
+        )
+        loader = DataLoader(dataset, batch_size=per_device, collate_fn=collate, drop_last=True, **workers)
     # The token clock counts real tokens only (the original's count_padding_tokens: false).
     data = DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()))
 
@@ -254,7 +315,10 @@ def run(recipe: Recipe) -> None:
               f"[{recipe.run_name}] start: {started}", flush=True)
 
     restore_rng = RestoreRngMidEpoch()
-    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe)]
+    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
+                                 Ledger(run_dir / "ledger.jsonl", recipe.phase)]
+    if recipe.data.order:
+        callbacks.append(DataStepCheck())
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))
     loggers = []

@@ -43,6 +43,11 @@ class DataConfig:
     mask_rate: float = 0.3
     shuffle_seed: int = 21
     num_workers: int = 2
+    # An imported batch order (data_tools/import_order.py): step k trains on exactly the order's rows of
+    # step k (then `path`, `shuffle_seed` and train.global_batch are not used). Its phase follows
+    # `phase` (pretrain, extension -> ext, decay) unless `order_phase` names one.
+    order: Optional[str] = None
+    order_phase: Optional[Literal["pretrain", "ext", "decay"]] = None
     # Mean real tokens per sequence, only for the step estimate in --plan (Ettin pre-training: ~615 of 1024).
     mean_tokens_per_seq: Optional[float] = None
 

@@ -41,9 +41,17 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tiny_data, tmp_pa
     first = run_train(str(split), "train.stop_after=6ba")  # ends with a checkpoint at step 6 (not a multiple of 4)
     assert "done at step 6" in first.stdout
     assert sorted(p.name for p in (split_dir / "checkpoints").glob("ep*.pt")) == ["ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"]
+    if objective == "clm":
+        # As if the process died after step 6 before its checkpoint was complete: only ba4 is left, and
+        # the ledger has lines for steps 5 and 6 that the resumed run trains again.
+        (split_dir / "checkpoints" / "ep0-ba6-rank0.pt").unlink()
+        (split_dir / "checkpoints" / "latest-rank0.pt").unlink()
+        (split_dir / "checkpoints" / "latest-rank0.pt").symlink_to("ep0-ba4-rank0.pt")
     second = run_train(str(split))
     assert "resuming from" in second.stdout and "step      8" in second.stdout and "step      4 " not in second.stdout
     _assert_same_training_state(_final(tmp_path / "whole"), _final(split_dir))
+    ledger = lambda run: (run / "ledger.jsonl").read_text()  # noqa: E731
+    assert ledger(split_dir) == ledger(tmp_path / "whole") and ledger(split_dir).count("\n") == 12
     meta = _final(split_dir)["state"]["callbacks"]["RunMetadata"]
     assert meta["phase"] == "pretrain" and meta["objective"] == objective
     assert meta["model"]["causal"] == (objective == "clm") and meta["model"]["hidden_size"] == 64

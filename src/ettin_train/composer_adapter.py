@@ -103,7 +103,7 @@ class RunMetadata(Callback):
         return dict(self.metadata)
 
     def load_state_dict(self, state: dict) -> None:
-        pass  # the running recipe's metadata is the truth; a resumed run writes its own
+        """Nothing to restore: the running recipe's metadata is the truth, and a resumed run writes its own."""
 
 
 class Ledger(Callback):

@@ -17,6 +17,7 @@ No Composer import here: the trainer's replay loader builds on `OrderIndex`.
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 import json
 import os
@@ -285,8 +286,7 @@ def validate(order_dir: str | Path, vocab_size: int, pad_id: int, phase: str | N
     for src in sources:
         checker = _StepChecker()
         for f in src.files:
-            for _ in checker.file(f, _read_file(f, vocab_size, pad_id)):
-                pass
+            collections.deque(checker.file(f, _read_file(f, vocab_size, pad_id)), maxlen=0)  # run every check, keep nothing
             if progress:
                 progress(f"checked {f.rel}: steps {f.first}..{f.last}")
     return sources

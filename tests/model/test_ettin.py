@@ -123,3 +123,26 @@ def test_per_sequence_attention_equals_padded_masked_attention(causal, half_wind
     qp, kp, vp = (packed.pad(t).transpose(1, 2) for t in (q, k, v))
     padded = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=packed.sdpa_mask(half_window, causal))
     torch.testing.assert_close(ours, packed.unpad(padded.transpose(1, 2)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_backend_matches_sdpa_in_values_and_gradients(causal):
+    """The FlexAttention path (the CUDA default without flash-attn) computes the same model as the SDPA
+    path: same logits and same gradients, with padding, a length-1 row and rows longer than the window."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(size=None, num_layers=3, hidden_size=64, intermediate_size=96, num_heads=4, vocab_size=300,
+                      sliding_window=8, causal=causal, attn_out_dropout=0.0, attention_backend="sdpa")
+    sdpa, flex = EttinModel(cfg), EttinModel(cfg.replace(attention_backend="flex"))
+    flex.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(5, 300, (4, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[2, 1:] = 0
+    mask[3, 7:] = 0
+    logits = {}
+    for name, model in (("sdpa", sdpa), ("flex", flex)):
+        logits[name] = model(ids, mask)
+        logits[name][mask.bool()].square().mean().backward()
+    torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    for (name, p_sdpa), p_flex in zip(sdpa.named_parameters(), flex.parameters()):
+        torch.testing.assert_close(p_flex.grad, p_sdpa.grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -46,7 +46,8 @@ class ModelConfig:
     # The original built its embedding with padding_idx=0 (bert-base-uncased's pad id), so row 0 never
     # receives a gradient through the lookup. Kept for fidelity; set null to train row 0 normally.
     embedding_padding_idx: Optional[int] = 0
-    # "auto": flash-attn varlen on CUDA when installed, else PyTorch SDPA. "sdpa" or "flash" force one.
+    # "auto": flash-attn varlen on CUDA when installed, else FlexAttention on CUDA, else per-sequence SDPA
+    # (CPU). "flash", "flex" or "sdpa" force one.
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -64,8 +65,8 @@ class ModelConfig:
             raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
         if self.sliding_window < 2:
             raise ValueError(f"model.sliding_window must be at least 2 (a window of sliding_window // 2 each side), got {self.sliding_window}")
-        if self.attention_backend not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"model.attention_backend: {self.attention_backend!r} is not one of auto, sdpa, flash")
+        if self.attention_backend not in ("auto", "sdpa", "flash", "flex"):
+            raise ValueError(f"model.attention_backend: {self.attention_backend!r} is not one of auto, sdpa, flash, flex")
 
     @property
     def head_dim(self) -> int:

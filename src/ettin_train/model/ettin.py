@@ -6,8 +6,10 @@ original runs load without a key map.
 
 The layers run on *unpadded* tokens: `Packed` holds the real tokens of a batch as one (tokens, hidden)
 stream, so padding costs no FLOPs in projections, MLPs and norms. Attention is the only place that
-needs sequence structure; it has two backends in one module:
+needs sequence structure; it has three backends in one module:
   - "flash": flash-attn's varlen kernel on the packed stream (CUDA, bf16/fp16);
+  - "flex":  PyTorch FlexAttention on the packed stream with a block-sparse mask built from the sequence
+             boundaries and the window (compiled kernel on CUDA; the unfused reference on CPU, for tests);
   - "sdpa":  PyTorch scaled_dot_product_attention; on CPU one sequence at a time (local layers in
              window-sized blocks), on GPU on a re-padded view with a boolean mask.
 """
@@ -27,6 +29,20 @@ try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+_compiled_flex = None
+
+
+def _flex_kernel(on_cuda: bool):
+    """flex_attention runs as a fused kernel only when compiled; uncompiled it materialises the scores."""
+    global _compiled_flex
+    if not on_cuda:
+        return flex_attention
+    if _compiled_flex is None:  # token counts vary per batch: let dynamo mark them dynamic, not recompile each
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
 
 
 @dataclass
@@ -93,6 +109,29 @@ class Packed:
             # The padded queries of the last block keep their own key, so no row is empty.
             mask = (allowed[None] & valid[:, None, :]) | (rel == 0)[None]
             self._cache[key] = mask[:, None]
+        return self._cache[key]
+
+    def flex_mask(self, half_window: int, causal: bool):
+        """FlexAttention BlockMask over the packed stream: same sequence, within the window, causal if asked.
+        Tokens of one row are contiguous in the stream, so stream distance is position distance."""
+        key = ("flex", half_window, causal)
+        if key not in self._cache:
+            row = self.indices // self.seqlen  # (tokens,) which sequence each token belongs to
+
+            def allowed(b, h, q, k):
+                keep = row[q] == row[k]
+                if causal:
+                    keep = keep & (k <= q)
+                if half_window >= 0:
+                    keep = keep & ((q - k).abs() <= half_window)
+                return keep
+
+            n = self.indices.numel()
+            # Compiled, the mask is built block by block; uncompiled it evaluates all n^2 pairs (fine on CPU tests).
+            try:
+                self._cache[key] = create_block_mask(allowed, None, None, n, n, device=row.device, _compile=row.is_cuda)
+            except TypeError:  # a torch without the private _compile flag
+                self._cache[key] = create_block_mask(allowed, None, None, n, n, device=row.device)
         return self._cache[key]
 
     def sdpa_mask(self, half_window: int, causal: bool) -> torch.Tensor:
@@ -175,15 +214,26 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.out_drop = nn.Dropout(cfg.attn_out_dropout)
 
+    def prepare(self, packed: Packed, dtype: torch.dtype) -> None:
+        """Build this batch's RoPE table and FlexAttention mask once per batch, before the layers run."""
+        packed.rope(self.rope_theta, self.head_dim, dtype)
+        if self._resolve_backend(packed.indices, dtype) == "flex":
+            packed.flex_mask(self.half_window, self.causal)
+
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
         q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         cos, sin = packed.rope(self.rope_theta, self.head_dim, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self._use_flash(q):
+        backend = self._resolve_backend(q, q.dtype)
+        if backend == "flash":
             out = flash_attn_varlen_func(
                 q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                 causal=self.causal, window_size=(self.half_window, self.half_window),
             )
+        elif backend == "flex":
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, tokens, dim)
+            out = _flex_kernel(q.is_cuda)(q, k, v, block_mask=packed.flex_mask(self.half_window, self.causal))
+            out = out[0].transpose(0, 1)
         elif not q.is_cuda:  # per sequence: cheaper than a padded batch with a (seq x seq) mask on CPU
             out = packed_sdpa(q, k, v, packed, self.half_window, self.causal)
         else:
@@ -192,13 +242,14 @@ class Attention(nn.Module):
             out = packed.unpad(out.transpose(1, 2))
         return self.out_drop(self.Wo(out.reshape(x.shape[0], -1)))
 
-    def _use_flash(self, q: torch.Tensor) -> bool:
-        if self.backend == "sdpa":
-            return False
-        usable = flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        if self.backend == "flash" and not usable:
+    def _resolve_backend(self, t: torch.Tensor, dtype: torch.dtype) -> str:
+        """auto: flash-attn where it can run, else FlexAttention on CUDA, else per-sequence SDPA on CPU."""
+        flash_ok = flash_attn_varlen_func is not None and t.is_cuda and dtype in (torch.float16, torch.bfloat16)
+        if self.backend == "flash" and not flash_ok:
             raise RuntimeError("model.attention_backend=flash needs flash-attn, a CUDA device and bf16/fp16 activations")
-        return usable
+        if self.backend == "auto":
+            return "flash" if flash_ok else ("flex" if t.is_cuda else "sdpa")
+        return self.backend
 
 
 class GLU(nn.Module):
@@ -248,6 +299,11 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, packed: Packed) -> torch.Tensor:
         x = self.embeddings(input_ids.flatten()[packed.indices])
+        # Fill the batch's caches here, outside any compiled layer, in the dtype the projections will have.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        for layer in self.encoder["layers"]:
+            layer.attn.prepare(packed, dtype)
         for layer in self.encoder["layers"]:
             x = layer(x, packed)
         return self.final_norm(x)
@@ -309,6 +365,14 @@ class EttinModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
         nn.init.zeros_(self.decoder.bias)
+
+    def compile_layers(self) -> None:
+        """torch.compile each layer; the per-batch mask and RoPE building stays eager (Backbone.forward).
+        Layers differ in window and first-layer norm, and the token count varies per batch, so a model
+        needs a handful of graph variants: raise dynamo's per-function limit so none falls back to eager."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in self.bert.encoder["layers"]:
+            layer.compile()
 
     def num_params(self) -> int:
         """Unique parameters: the tied decoder weight counts once, its bias counts."""

@@ -84,13 +84,18 @@ class Mixture:
         total = sum(Fraction(w) for w in weights)
         self.weights = [Fraction(w) / total for w in weights]
         self.global_batch = global_batch
+        # Integer seat priorities in the same order as (j + 1/2) / w_i: (2j + 1) * scale_i, with w_i = p_i / q
+        # and scale_i = lcm(p) / p_i (sorting Fractions cost 0.4 s for a step of 4608 rows).
+        q = math.lcm(*(w.denominator for w in self.weights))
+        p = [int(w * q) for w in self.weights]
+        self._scale = [math.lcm(*p) // p_i for p_i in p]
 
     def rows(self, step: int) -> list[tuple[int, int]]:
         first, last = (step - 1) * self.global_batch, step * self.global_batch
         if len(self.weights) == 1:
             return [(0, p) for p in range(first, last)]
         before, after = apportion(self.weights, first), apportion(self.weights, last)
-        seats = [((j + Fraction(1, 2)) / w, i, j) for i, w in enumerate(self.weights) for j in range(before[i], after[i])]
+        seats = [((2 * j + 1) * self._scale[i], i, j) for i in range(len(self.weights)) for j in range(before[i], after[i])]
         return [(i, j) for _, i, j in sorted(seats)]
 
 

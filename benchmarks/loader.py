@@ -107,27 +107,27 @@ def bench_own(args, collate) -> None:
         for name, sources in (("own data, one source", [SourceSpec("data", str(root / "a"), None, None, 1.0)]),
                               ("own data, mixture 0.7/0.3", [SourceSpec("a", str(root / "a"), None, None, 0.7),
                                                              SourceSpec("b", str(root / "b"), None, None, 0.3)])):
-            def make() -> PermutedBatches:
-                return PermutedBatches(sources, seed=21, global_batch=args.rows, rank=0, world=1, phase="pretrain",
-                                       seq_len=args.width, tokens=TOKENS, force_sep=True, collate=collate)
-
-            data = make()
-            steps = min(args.long_steps, args.samples // args.rows)
-            for step in range(1, steps + 1):  # streaming decompresses each zstd shard on first use: not measured
-                data.batch(step)
-            throughput(name, [lambda step=step: data.batch(step) for step in range(1, steps + 1)], args.repeats)
-
-            def first_batch_after_resume(step: int) -> float:
-                t = time.perf_counter()
-                data.load_state_dict(data.state_dict((step - 1) * args.rows, True))
-                data._perms.clear()  # a fresh process has no permutation yet
-                batch = next(iter(data))
-                assert int(batch["step"][0]) == step
-                return time.perf_counter() - t
-
-            resume_ratio(name, first_batch_after_resume, args)
-            del data
+            bench_permuted(name, sources, args, collate)
             clean_stale_shared_memory()
+
+
+def bench_permuted(name: str, sources: list[SourceSpec], args, collate) -> None:
+    data = PermutedBatches(sources, seed=21, global_batch=args.rows, rank=0, world=1, phase="pretrain",
+                           seq_len=args.width, tokens=TOKENS, force_sep=True, collate=collate)
+    steps = min(args.long_steps, args.samples // args.rows)
+    for step in range(1, steps + 1):  # streaming decompresses each zstd shard on first use: not measured
+        data.batch(step)
+    throughput(name, [lambda step=step: data.batch(step) for step in range(1, steps + 1)], args.repeats)
+
+    def first_batch_after_resume(step: int) -> float:
+        t = time.perf_counter()
+        data.load_state_dict(data.state_dict((step - 1) * args.rows, True))
+        data._perms.clear()  # a fresh process has no permutation yet
+        batch = next(iter(data))
+        assert int(batch["step"][0]) == step
+        return time.perf_counter() - t
+
+    resume_ratio(name, first_batch_after_resume, args)
 
 
 def throughput(name: str, batches, repeats: int) -> None:

@@ -16,7 +16,12 @@ from ettin_train.config.loading import RecipeError, load_recipe
 from ettin_train.config.schema import DataConfig, DataSource
 from ettin_train.data.mds import frame
 from ettin_train.data.order import rows_sha256
-from ettin_train.data.permuted import Mixture, PermutedBatches, apportion, resolve_sources
+from ettin_train.data.permuted import (
+    Mixture,
+    PermutedBatches,
+    apportion,
+    resolve_sources,
+)
 from ettin_train.data.replay import mask_key
 from ettin_train.objectives import SpecialTokens
 from tests.conftest import run_train, tiny_recipe, write_recipe

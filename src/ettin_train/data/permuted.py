@@ -21,7 +21,6 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,8 +38,8 @@ class SourceSpec:
 
     key: str  # the recipe key that declared it, for error messages: data or data.sources[i]
     local: str
-    remote: Optional[str]
-    split: Optional[str]
+    remote: str | None
+    split: str | None
     weight: float
 
 

@@ -8,7 +8,8 @@ INPUT is one file or a folder of files:
   *.jsonl          one JSON object per line, with a `text` field (and optionally `id`)
   *.parquet        a `text` column (and optionally `id`)
 Each document is cut into pieces of seq_len - 2 tokens framed [CLS] ... [SEP]; a tail shorter than
---min-len tokens is dropped (the original dropped or backfilled such tails).
+--min-len tokens is dropped. With --short-tails backfill (the original's 1024-token data), a tail shorter
+than --backfill-len gets tokens moved from the end of the piece before it until it has --backfill-len.
 
 Resumable: documents are taken in fixed chunks of --chunk-docs, in input order; each chunk is written
 to its own subfolder OUT_DIR/part_NNNNNN and marked done (a `DONE` file) when complete. Rerunning the
@@ -96,19 +97,19 @@ def _init(tokenizer: str) -> None:
     _TOK = AutoTokenizer.from_pretrained(tokenizer)
 
 
-def _work(job: tuple[int, list[tuple[str, str]], str, int, int]) -> tuple[int, int, int]:
+def _work(job: tuple[int, list[tuple[str, str]], str, int, int, int | None]) -> tuple[int, int, int]:
     """Tokenizes and writes one chunk to its part folder; returns (chunk, documents, samples)."""
     from ettin_train.data.shards import write_shards
     from ettin_train.objectives.base import SpecialTokens
 
-    c, docs, out, seq_len, min_len = job
+    c, docs, out, seq_len, min_len, backfill_len = job
     tokens = SpecialTokens.from_tokenizer(_TOK)
     part = Path(out) / f"part_{c:06d}"
     if part.exists():  # an interrupted earlier attempt: start this chunk over
         shutil.rmtree(part)
     ids = _TOK([text for _, text in docs], add_special_tokens=False)["input_ids"]
     n = write_shards(str(part), ((doc_id, x) for (doc_id, _), x in zip(docs, ids)), seq_len, tokens.cls, tokens.sep,
-                     min_len=min_len)
+                     min_len=min_len, backfill_len=backfill_len)
     if n == 0:  # MDSWriter writes no index.json for an empty dataset; keep one so the merge sees the part
         (part / "index.json").write_text(json.dumps({"version": 2, "shards": []}))
     (part / "DONE").write_text(json.dumps({"documents": len(docs), "samples": n}) + "\n")
@@ -125,12 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, metavar="K", help="tokenizing processes (default: 1)")
     ap.add_argument("--chunk-docs", type=int, default=10_000, help="documents per resumable chunk (default: 10000)")
     ap.add_argument("--min-len", type=int, default=16, help="drop tail pieces with fewer tokens (default: 16)")
+    ap.add_argument("--short-tails", choices=("drop", "backfill"), default="drop",
+                    help="tails of at least --min-len tokens: keep as they are (drop only shorter ones), or backfill them")
+    ap.add_argument("--backfill-len", type=int, metavar="N",
+                    help="with --short-tails backfill: fill tails up to N tokens (default: seq_len // 2, the original's 512 of 1024)")
     ap.add_argument("--stop-after", type=int, metavar="C", help="stop after the first C chunks, without merging (a partial run)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from tqdm import tqdm
 
+    backfill_len = None
+    if args.short_tails == "backfill":
+        backfill_len = args.backfill_len if args.backfill_len is not None else args.seq_len // 2
+        if not args.min_len <= backfill_len <= args.seq_len - 2:
+            print(f"tokenize_to_mds: --backfill-len {backfill_len} must be between --min-len {args.min_len} and "
+                  f"--seq-len - 2 ({args.seq_len - 2})", file=sys.stderr)
+            return 2
+    elif args.backfill_len is not None:
+        print("tokenize_to_mds: --backfill-len needs --short-tails backfill", file=sys.stderr)
+        return 2
     src, out = Path(args.input), Path(args.out)
     if not src.exists():
         print(f"tokenize_to_mds: {src} does not exist", file=sys.stderr)
@@ -139,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     root = src if src.is_dir() else src.parent
     meta = {"input": [str(f.resolve()) for f in files], "tokenizer": args.tokenizer, "seq_len": args.seq_len,
             "chunk_docs": args.chunk_docs, "min_len": args.min_len}
+    if backfill_len is not None:  # only then, so outputs of earlier versions (always drop) still resume
+        meta["backfill_len"] = backfill_len
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old != meta:
-            diff = ", ".join(k for k in meta if old.get(k) != meta[k])
+            diff = ", ".join(k for k in {**meta, **old} if old.get(k) != meta.get(k))
             print(f"tokenize_to_mds: {out} was started with different settings ({diff}); use a new --out", file=sys.stderr)
             return 2
     else:
@@ -162,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(len(docs))
                 skipped.append(c)
                 continue
-            yield c, docs, str(out), args.seq_len, args.min_len
+            yield c, docs, str(out), args.seq_len, args.min_len, backfill_len
 
     skipped: list[int] = []
     samples = 0

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
 from ettin_train.config import Duration, Recipe, recipe_to_dict
-from ettin_train.data.mds import FramedMDSDataset
 from ettin_train.data.order import OrderError, rows_sha256
+from ettin_train.data.permuted import PermutedBatches, resolve_sources
 from ettin_train.data.replay import ReplayBatches
 from ettin_train.model import EttinModel
 from ettin_train.objectives import Objective, SpecialTokens, get_objective
@@ -298,12 +298,14 @@ def run(recipe: Recipe) -> None:
         per_device = int(dataset.index._table(order_phase)[:, 1].max()) // world
         loader = DataLoader(dataset, batch_size=None, **workers)
     else:
-        dataset = FramedMDSDataset(
-            local=recipe.data.path, remote=recipe.data.remote, split=recipe.data.split, shuffle=True,
-            shuffle_seed=recipe.data.shuffle_seed, batch_size=per_device,
-            seq_len=recipe.data.seq_len, tokens=tokens, force_sep=not objective.causal,
-        )
-        loader = DataLoader(dataset, batch_size=per_device, collate_fn=collate, drop_last=True, **workers)
+        try:  # one global permutation per epoch, whatever the world size (data/permuted.py)
+            dataset = PermutedBatches(resolve_sources(recipe.data), seed=recipe.data.shuffle_seed,
+                                      global_batch=recipe.train.global_batch, rank=dist.get_global_rank(), world=world,
+                                      phase=recipe.phase, seq_len=recipe.data.seq_len, tokens=tokens,
+                                      force_sep=not objective.causal, collate=collate)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        loader = DataLoader(dataset, batch_size=None, **workers)
     # The token clock counts real tokens only (the original's count_padding_tokens: false).
     data = DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()))
 
@@ -317,8 +319,7 @@ def run(recipe: Recipe) -> None:
     restore_rng = RestoreRngMidEpoch()
     callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
                                  Ledger(run_dir / "ledger.jsonl", recipe.phase)]
-    if recipe.data.order:
-        callbacks.append(DataStepCheck())
+    callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))
     loggers = []

@@ -93,3 +93,38 @@ def test_jsonl_to_framed_shards_and_resume(tmp_path, corpus, tiny_data, capsys):
     # a different setting on the same output is refused
     proc = run(str(corpus), "--out", str(out), *common[:3], "64", *common[4:], check=False)
     assert proc.returncode == 2 and "seq_len" in proc.stderr
+
+
+def test_short_tails_are_backfilled_from_the_piece_before(tmp_path, corpus, tiny_data, capsys):
+    """--short-tails backfill: a document's pieces are the same tokens in the same order as without it
+    (moved, not copied), and its last piece has at least --backfill-len tokens when it has a piece before."""
+    from transformers import AutoTokenizer
+
+    tok = str(tiny_data / "tokenizer")
+    common = ["--tokenizer", tok, "--seq-len", str(SEQ_LEN), "--min-len", "4"]
+    run_in_process(str(corpus), "--out", str(tmp_path / "filled"), *common, "--short-tails", "backfill", "--backfill-len", "20",
+                   capsys=capsys)
+    filled = read_samples(tmp_path / "filled")
+    body = SEQ_LEN - 2
+    encode = AutoTokenizer.from_pretrained(tok)
+    backfilled = 0
+    for line in corpus.read_text().splitlines():
+        doc = json.loads(line)
+        ids = encode(doc["text"], add_special_tokens=False)["input_ids"]
+        pieces = [s for i, s in filled if i.rpartition("#")[0] == doc["id"]]
+        assert all(p[0] == 1 and p[-1] == 2 and len(p) <= SEQ_LEN for p in pieces)
+        content = [t for p in pieces for t in p[1:-1]]
+        tail = len(ids) % body
+        if len(ids) > body and 4 <= tail < 20:  # a short tail after full pieces: filled from the piece before
+            backfilled += 1
+            assert content == ids and len(pieces[-1]) - 2 == 20 and len(pieces[-2]) - 2 == body - (20 - tail)
+        elif tail and tail < 4:  # too short even to backfill: dropped, as without the option
+            assert content == ids[: len(ids) - tail]
+        else:
+            assert content == ids
+    assert backfilled >= 3
+
+    proc = run(str(corpus), "--out", str(tmp_path / "bad"), *common, "--short-tails", "backfill", "--backfill-len", "40",
+               check=False)
+    assert proc.returncode == 2 and "--backfill-len 40 must be between --min-len 4 and --seq-len - 2 (30)" in proc.stderr
+    assert not (tmp_path / "bad").exists()

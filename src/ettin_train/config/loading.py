@@ -128,7 +128,7 @@ def _build(cls, data: Any, prefix: str, sources: dict[str, str], recipe_path: st
     for key in data:
         if key not in fields:
             full = f"{prefix}{key}"
-            raise RecipeError(f"unknown key '{full}' ({where(full)}){_nearest(full, _schema_keys(Recipe))}")
+            raise RecipeError(f"unknown key '{full}' ({where(full)}){_nearest(full, [prefix + n for n in fields] + _schema_keys(Recipe))}")
     kwargs = {}
     for name, f in fields.items():
         full = f"{prefix}{name}"
@@ -142,6 +142,10 @@ def _build(cls, data: Any, prefix: str, sources: dict[str, str], recipe_path: st
         value = data.get(name, MISSING)
         if value == MISSING:
             raise RecipeError(f"missing value for required key '{full}' ({where(full)})")
+        if get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]) and isinstance(value, list):
+            # a list of sections (data.sources): each item is checked as a section named key[i]
+            kwargs[name] = [_build(get_args(tp)[0], v, f"{full}[{i}].", sources, recipe_path) for i, v in enumerate(value)]
+            continue
         kwargs[name] = _coerce(tp, value, full, where)
     try:
         return cls(**kwargs)
@@ -216,6 +220,10 @@ def _check_semantics(r: Recipe, sources: dict[str, str], recipe_path: str) -> No
     for key, value in positive.items():
         if value <= 0:
             raise RecipeError(f"key '{key}' ({where(key)}) must be positive, got {value}")
+    for i, source in enumerate(r.data.sources):
+        if not source.weight > 0:
+            key = f"data.sources[{i}].weight"
+            raise RecipeError(f"key '{key}' ({where(key)}) must be positive, got {source.weight}")
     if not 0.0 <= r.data.mask_rate < 1.0:
         raise RecipeError(f"key 'data.mask_rate' ({where('data.mask_rate')}) must be in [0, 1), got {r.data.mask_rate}")
     if len(r.optimizer.betas) != 2:

@@ -30,6 +30,17 @@ class Duration(str):
 
 
 @dataclass
+class DataSource:
+    """One source of a mixture (data/permuted.py): its share of every global batch follows `weight`."""
+
+    # MDS folder, relative to data.path (or absolute); with `remote`, the folder streaming downloads into.
+    path: str = MISSING
+    remote: Optional[str] = None
+    split: Optional[str] = None
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     # Folder of MDS shards (the `index.json` folder, or its parent when `split` is set).
     path: str = MISSING
@@ -50,6 +61,9 @@ class DataConfig:
     order_phase: Optional[Literal["pretrain", "ext", "decay"]] = None
     # Mean real tokens per sequence, only for the step estimate in --plan (Ettin pre-training: ~615 of 1024).
     mean_tokens_per_seq: Optional[float] = None
+    # A mixture: several MDS sources with weights, mixed in every global batch (docs/data.md); then
+    # `path` is the folder the sources' paths are relative to, and `remote`/`split` are not used.
+    sources: list[DataSource] = field(default_factory=list)
 
 
 @dataclass

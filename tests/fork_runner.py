@@ -13,13 +13,39 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import ettin_train.composer_adapter  # noqa: E402,F401  (the heavy imports: torch, composer, transformers)
-from ettin_train.cli import main  # noqa: E402
+class Runner:
+    """The tests' side: starts this file as a process; `run(recipe, *overrides, fault=..., kill_after=...)`
+    runs one attempt and returns (result, its log)."""
+
+    def __init__(self, logs: Path, tmpdir: Path):
+        # Its own TMPDIR: streaming's lock files of these runs, apart from other test sessions on the machine.
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmpdir))
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__))], cwd=Path(__file__).resolve().parent.parent, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.logs, self.tmpdir, self.n = logs, tmpdir, 0
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+    def run(self, recipe: Path, *overrides: str, fault: str = "", kill_after: float | None = None) -> tuple[dict, str]:
+        self.n += 1
+        log = self.logs / f"attempt{self.n}.log"
+        attempt = {"args": [str(recipe), *overrides], "env": {"ETTIN_FAULT": fault}, "kill_after": kill_after, "log": str(log)}
+        self.proc.stdin.write(json.dumps(attempt) + "\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.proc.stdout.readline())
+        return result, log.read_text()
 
 
 def attempt(args: list[str], env: dict, kill_after: float | None, log: str) -> dict:
@@ -29,6 +55,8 @@ def attempt(args: list[str], env: dict, kill_after: float | None, log: str) -> d
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        from ettin_train.cli import main
+
         sys.exit(main(args))  # unwinds and exits as train.py would, running the atexit handlers
     deadline = None if kill_after is None else time.monotonic() + kill_after
     while True:
@@ -43,6 +71,9 @@ def attempt(args: list[str], env: dict, kill_after: float | None, log: str) -> d
 
 
 if __name__ == "__main__":
+    import ettin_train.cli  # noqa: F401
+    import ettin_train.composer_adapter  # noqa: F401  (the heavy imports: torch, composer, transformers)
+
     print("ready", flush=True)
     for line in sys.stdin:
         a = json.loads(line)

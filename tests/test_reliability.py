@@ -5,11 +5,8 @@ tests/fork_runner.py, so each pays for training, not for importing torch."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,38 +15,16 @@ import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.reliability import MARKER
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import tiny_recipe, write_recipe
+from tests.fork_runner import Runner
 
 pytestmark = pytest.mark.slow
 
 
-class Runner:
-    """One fork_runner process: `run(recipe, *overrides, fault=..., kill_after=...)` -> (result, log)."""
-
-    def __init__(self, logs: Path, tmpdir: Path):
-        # Its own TMPDIR: streaming's lock files of these runs, apart from other test sessions on the machine.
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmpdir))
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_runner.py")], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
-        self.logs, self.tmpdir, self.n = logs, tmpdir, 0
-
-    def run(self, recipe: Path, *overrides: str, fault: str = "", kill_after: float | None = None) -> tuple[dict, str]:
-        self.n += 1
-        log = self.logs / f"attempt{self.n}.log"
-        attempt = {"args": [str(recipe), *overrides], "env": {"ETTIN_FAULT": fault}, "kill_after": kill_after, "log": str(log)}
-        self.proc.stdin.write(json.dumps(attempt) + "\n")
-        self.proc.stdin.flush()
-        result = json.loads(self.proc.stdout.readline())
-        return result, log.read_text()
-
-
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    r = Runner(tmp_path_factory.mktemp("logs"), tmp_path_factory.mktemp("tmpdir"))
-    yield r
-    r.proc.stdin.close()
-    r.proc.wait(timeout=60)
+    with Runner(tmp_path_factory.mktemp("logs"), tmp_path_factory.mktemp("tmpdir")) as r:
+        yield r
 
 
 def _latest_step(run_dir: Path) -> int:

@@ -140,3 +140,23 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+def test_nan_on_two_processes_stops_both_ranks_before_the_step(tiny_data, tmp_path, monkeypatch):
+    """Through the Composer launcher on gloo: the ranks agree on the bad step (one all-reduced flag), both
+    exit, and the checkpoint before it is the newest and loads."""
+    import shutil
+    import sys
+
+    from tests.conftest import run_train
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_data, tmp_path / "run", train={"max_duration": "6ba"},
+                                                           checkpoint={"interval": "2ba"}))
+    composer = shutil.which("composer", path=str(Path(sys.executable).parent))
+    monkeypatch.setenv("ETTIN_FAULT", "nan@3")
+    proc = run_train(str(recipe), launcher=[composer, "-n", "2", "--master_port", "29741"], check=False)
+    assert proc.returncode != 0
+    assert "at step 3" in proc.stderr and "ep0-ba2-rank0.pt" in proc.stderr, proc.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("ep*.pt")) == ["ep0-ba2-rank0.pt"]
+    assert load_checkpoint(ckpts / "latest-rank0.pt")["state"]["timestamp"]["Timestamp"]["batch"] == 2

@@ -123,9 +123,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
                          save_interval=save_interval, num_checkpoints_to_keep=keep)
         self.min_free_bytes = min_free_bytes
         self.last_complete: str | None = None
+        self.estimate = 0
 
     def fit_start(self, state: State, logger: Logger) -> None:
         super().fit_start(state, logger)
+        self.estimate = checkpoint_bytes(state.model)
         latest = Path(self.folder) / "latest-rank0.pt"
         self.last_complete = os.path.realpath(latest) if latest.exists() else None
 
@@ -142,7 +144,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             raise StopRun(problem[0])
         partial = final.removesuffix(".pt") + ".partial.pt"  # Composer picks the writer by the extension
         saved = checkpoint._save_checkpoint(state, partial, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
-        if saved is None:  # ranks other than 0 write nothing
+        if saved is None:  # ranks other than 0 write nothing; rank 0 renames and marks it next
+            self.last_complete = final
             return
         if _fault("write", step):  # as if killed half-way through torch.save
             os.truncate(partial, os.path.getsize(partial) // 2)
@@ -171,7 +174,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _no_room(self, final: str, step: int) -> str | None:
         previous = os.path.getsize(self.last_complete) if self.last_complete and os.path.exists(self.last_complete) else 0
-        need = max(previous, 1) + self.min_free_bytes
+        need = max(previous, self.estimate) + self.min_free_bytes
         free = shutil.disk_usage(os.path.dirname(final)).free
         if free < need:
             return (f"no room for the checkpoint of step {step} in {os.path.dirname(final)}: {free / 2**30:.2f} GiB free, "

@@ -29,6 +29,8 @@ from ettin_train.data.permuted import PermutedBatches, resolve_sources
 from ettin_train.data.replay import ReplayBatches
 from ettin_train.model import EttinModel
 from ettin_train.objectives import Objective, SpecialTokens, get_objective
+from ettin_train.preflight import preflight
+from ettin_train.reliability import StopRun, reliability_callbacks
 from ettin_train.schedules import lr_multiplier
 
 
@@ -274,6 +276,7 @@ def run(recipe: Recipe) -> None:
 
     run_dir = Path(recipe.run_dir)
     save_folder = run_dir / "checkpoints"
+    preflight(recipe, model, save_folder)  # bad inputs stop here; a crashed run's checkpoint folder is repaired
     resuming = recipe.checkpoint.autoresume and (save_folder / "latest-rank0.pt").exists()
     if resuming:
         started = f"resuming from {os.path.realpath(save_folder / 'latest-rank0.pt')} (model, optimizer, schedule, clock, data position)"
@@ -322,6 +325,7 @@ def run(recipe: Recipe) -> None:
     callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))
+    callbacks += reliability_callbacks(recipe, save_folder)  # atomic checkpoints, non-finite guard, spike monitor
     loggers = []
     wandb = recipe.logging.wandb
     if wandb.project and wandb.mode != "disabled":
@@ -354,6 +358,8 @@ def run(recipe: Recipe) -> None:
     restore_rng.take_over(trainer)
     try:
         trainer.fit()
+    except StopRun as e:
+        sys.exit(f"error: {e}")
     finally:
         trainer.close()
     if dist.get_global_rank() == 0:

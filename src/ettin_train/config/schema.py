@@ -137,6 +137,24 @@ class LoggingConfig:
 
 
 @dataclass
+class ReliabilityConfig:
+    """What a run does with bad numbers and bad inputs; docs/reliability.md explains each choice."""
+
+    # A NaN or infinite loss or gradient: stop (naming the step and the last complete checkpoint),
+    # or skip the step (weights and moments untouched, counted) and stop after nonfinite_max_skips.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    nonfinite_max_skips: int = 100
+    # A loss more than spike_zscore standard deviations above the mean of the last spike_window steps is logged.
+    spike_window: int = 100
+    spike_zscore: float = 6.0
+    # Shards checked before training: size (stat each file against index.json: cheap), hash (also each
+    # hash index.json records: reads every byte), none.
+    verify_shards: Literal["size", "hash", "none"] = "size"
+    # Free space to keep on the checkpoint disk beyond one checkpoint, checked at start and before each write.
+    min_free_gb: float = 0.0
+
+
+@dataclass
 class Recipe:
     run_name: str = MISSING
     # Everything a run writes goes here: checkpoints/, ledger.jsonl, recipe.yaml.
@@ -151,6 +169,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
 
 # Keys that exist on a dataclass but are not the recipe's to set (derived from other keys).

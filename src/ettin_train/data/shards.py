@@ -38,7 +38,8 @@ def write_shards(out_dir: str, docs: Iterable[tuple[str, list[int]]], seq_len: i
     from streaming import MDSWriter
 
     n = 0
-    with MDSWriter(out=out_dir, columns=COLUMNS, compression="zstd", size_limit=size_limit) as writer:
+    with MDSWriter(out=out_dir, columns=COLUMNS, compression="zstd", size_limit=size_limit,
+                   hashes=["xxh64"]) as writer:  # recorded so a changed shard can be found (reliability.verify_shards: hash)
         for doc_id, ids in docs:
             for k, piece in enumerate(chunk_document(ids, seq_len, cls_id, sep_id, min_len, backfill_len)):
                 writer.write({"input_ids": piece, "id": f"{doc_id}#{k}", "len": len(piece)})

@@ -1,0 +1,343 @@
+"""Crash-safe checkpoints, the non-finite loss guard, the loss-spike monitor and streaming's leftovers.
+
+A checkpoint is written as `ep*-ba*-rank0.partial.pt`, flushed to disk, renamed to `NAME` and then marked complete
+by `NAME.complete` (its size and step); only then does `latest-rank0.pt` move to it, by an atomic
+symlink swap. `prepare_resume` runs before every start: it points `latest-rank0.pt` at the newest
+checkpoint whose marker matches, and moves anything newer out of the way (`.partial` files are
+deleted, unmarked ones renamed `.incomplete`), so a run killed at any moment resumes from the last
+complete checkpoint. See docs/reliability.md.
+
+Like composer_adapter.py, this module is on Composer's side of the line: it subclasses Composer's
+saver and callbacks. The checks that need no trainer are in preflight.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+from composer import Callback, State
+from composer.callbacks import CheckpointSaver
+from composer.loggers import Logger
+from composer.utils import checkpoint, dist
+
+MARKER = ".complete"
+_CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[,...]", e.g. "write@4" (die half-way through
+# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9".
+FAULT_ENV = "ETTIN_FAULT"
+
+
+def _fault(point: str, step: int) -> bool:
+    return f"{point}@{step}" in os.environ.get(FAULT_ENV, "").split(",")
+
+
+def _die_if(point: str, step: int) -> None:
+    if _fault(point, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StopRun(Exception):
+    """Ends a run with one line for the user: a NaN or infinite loss or gradient (`train.nonfinite:
+    stop`), or no room for the next checkpoint. Not a RuntimeError, which Composer inspects for
+    out-of-memory retries."""
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """What one checkpoint takes on disk: the weights and Adam's two moments, plus 5% for the rest."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(params * 3 * 1.05)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder` whose marker exists and names their size, oldest first."""
+    found = []
+    for f in folder.glob("ep*-ba*-rank0.pt"):
+        m, marker = _CHECKPOINT.match(f.name), f.with_name(f.name + MARKER)
+        if m and marker.is_file() and f.is_file():
+            try:
+                ok = json.loads(marker.read_text()).get("bytes") == f.stat().st_size
+            except (ValueError, OSError):
+                ok = False
+            if ok:
+                found.append((int(m.group(2)), f))
+    return [f for _, f in sorted(found)]
+
+
+def prepare_resume(folder: Path) -> Path | None:
+    """Rank 0, before the Trainer is built: make `latest-rank0.pt` name the newest complete checkpoint
+    and move newer, incomplete files aside. A folder without any marker (a run from before markers, or
+    the original Ettin checkpoints) is left as it is. Returns the checkpoint a resume will load."""
+    if not folder.is_dir():
+        return None
+    for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
+        partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
+    complete = complete_checkpoints(folder)
+    if not complete and not list(folder.glob(f"*{MARKER}")):
+        latest = folder / "latest-rank0.pt"
+        return latest if latest.exists() else None
+    newest = complete[-1] if complete else None
+    newest_step = int(_CHECKPOINT.match(newest.name).group(2)) if newest else -1
+    for f in folder.glob("ep*-ba*-rank0.pt"):
+        if f not in complete and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
+            f.rename(f.with_name(f.name + ".incomplete"))  # kept for inspection; Composer would refuse it
+    latest = folder / "latest-rank0.pt"
+    if newest is None:
+        latest.unlink(missing_ok=True)
+    elif not latest.is_symlink() or Path(os.readlink(latest)).name != newest.name:
+        _atomic_symlink(newest.name, latest)
+    return newest
+
+
+def _atomic_symlink(target: str, link: Path) -> None:
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """Composer's saver with the write made atomic (temporary name, fsync, rename, marker, symlink swap)
+    and the free space checked before each write. Local, monolithic (rank-0) checkpoints only."""
+
+    def __init__(self, folder: str, save_interval: str, keep: int, min_free_bytes: int = 0):
+        super().__init__(folder=folder, filename="ep{epoch}-ba{batch}-rank{rank}.pt", remote_file_name=None,
+                         latest_filename="latest-rank{rank}.pt",
+                         latest_remote_file_name=f"{folder}/latest-rank{{rank}}.pt",
+                         save_interval=save_interval, num_checkpoints_to_keep=keep)
+        self.min_free_bytes = min_free_bytes
+        self.last_complete: str | None = None
+        self.estimate = 0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        super().fit_start(state, logger)
+        self.estimate = checkpoint_bytes(state.model)
+        latest = Path(self.folder) / "latest-rank0.pt"
+        self.last_complete = os.path.realpath(latest) if latest.exists() else None
+
+    def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        if state.fsdp_sharded_state_dict_enabled:
+            raise RuntimeError("AtomicCheckpointSaver writes monolithic checkpoints only; sharded ones are not atomic here")
+        step = state.timestamp.batch.value
+        self.last_checkpoint_batch = state.timestamp.batch
+        final = checkpoint.get_save_filename(state, self.filename.format(state, keep_placeholders=True))
+        self.all_saved_checkpoints_to_timestamp[final] = state.timestamp
+        problem = [self._no_room(final, step) if dist.get_global_rank() == 0 else None]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise StopRun(problem[0])
+        partial = final.removesuffix(".pt") + ".partial.pt"  # Composer picks the writer by the extension
+        saved = checkpoint._save_checkpoint(state, partial, weights_only=self.weights_only, ignore_keys=self.ignore_keys)
+        if saved is None:  # ranks other than 0 write nothing; rank 0 renames and marks it next
+            self.last_complete = final
+            return
+        if _fault("write", step):  # as if killed half-way through torch.save
+            os.truncate(partial, os.path.getsize(partial) // 2)
+            _die_if("write", step)
+        _fsync(partial)
+        os.replace(partial, final)
+        _fsync(os.path.dirname(final), directory=True)
+        _die_if("rename", step)
+        marker = final + MARKER
+        with open(marker + ".partial", "w") as f:
+            json.dump({"step": step, "bytes": os.path.getsize(final)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(marker + ".partial", marker)
+        _die_if("marker", step)
+        _atomic_symlink(os.path.basename(final), Path(self.latest_filename.format(state)))
+        _fsync(os.path.dirname(final), directory=True)
+        _die_if("link", step)
+        self.last_complete = final
+        self.saved_checkpoints.append(final)
+        if self.num_checkpoints_to_keep > 0:
+            while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
+                old = self.saved_checkpoints.pop(0)
+                Path(old + MARKER).unlink(missing_ok=True)  # unmark first: a half-deleted one is never picked
+                os.remove(old)
+
+    def _no_room(self, final: str, step: int) -> str | None:
+        previous = os.path.getsize(self.last_complete) if self.last_complete and os.path.exists(self.last_complete) else 0
+        need = max(previous, self.estimate) + self.min_free_bytes
+        free = shutil.disk_usage(os.path.dirname(final)).free
+        if free < need:
+            return (f"no room for the checkpoint of step {step} in {os.path.dirname(final)}: {free / 2**30:.2f} GiB free, "
+                    f"{need / 2**30:.2f} GiB needed; last complete checkpoint: {self.last_complete}")
+        return None
+
+
+class NonFiniteGuard(Callback):
+    """Checks the loss and every gradient before the optimizer steps. `stop`: raise StopRun
+    naming the step, the batch's data position and the last complete checkpoint, before the weights
+    change. `skip`: leave weights and moments as they are, count the step, and stop after `max_skips`."""
+
+    def __init__(self, mode: str, max_skips: int, saver: AtomicCheckpointSaver):
+        self.mode, self.max_skips, self.saver = mode, max_skips, saver
+        self.skipped = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        for optimizer in state.optimizers:
+            step = optimizer.step  # the LR scheduler's step-counting wrapper around the optimizer's step
+
+            def guarded(closure=None, _step=step):
+                return self._guarded(state, logger, _step, closure)
+
+            guarded._wrapped_by_lr_sched = True  # it calls the scheduler's wrapper: torch need not warn
+            optimizer.step = guarded
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        if _fault("nan", state.timestamp.batch.value + 1):
+            state.loss = state.loss * float("nan")
+        if _fault("spike", state.timestamp.batch.value + 1):
+            state.loss = state.loss * 8.0
+
+    def _guarded(self, state: State, logger: Logger, step, closure):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()  # forward and backward of every microbatch, as the optimizer would run them
+        grads = [p.grad for group in state.optimizers[0].param_groups for p in group["params"] if p.grad is not None]
+        finite = (loss is None or math.isfinite(float(loss))) and bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        flag = torch.tensor([0 if finite else 1], device=grads[0].device if grads else "cpu")
+        dist.all_reduce(flag, reduce_operation="MAX")  # every rank takes the same decision
+        if not flag.item():
+            step()
+            return loss
+        at = state.timestamp.batch.value + 1
+        what = f"non-finite loss or gradient (loss {loss}) at step {at} ({self._data_position(state)})"
+        if self.mode == "stop" or self.skipped >= self.max_skips:
+            why = "" if self.mode == "stop" else f" after skipping {self.skipped} steps (train.nonfinite_max_skips)"
+            raise StopRun(f"{what}{why}; weights not updated; last complete checkpoint: "
+                                 f"{self.saver.last_complete or 'none'}")
+        self.skipped += 1
+        logger.log_metrics({"train/skipped_steps": self.skipped})
+        if dist.get_global_rank() == 0:
+            print(f"[{state.run_name}] {what}: step skipped ({self.skipped} skipped so far)", flush=True)
+        return loss
+
+    @staticmethod
+    def _data_position(state: State) -> str:
+        if isinstance(state.batch, dict) and "step" in state.batch:
+            return f"data step {int(state.batch['step'][0])}"
+        first = state.timestamp.sample_in_epoch.value
+        return f"data step {state.timestamp.batch_in_epoch.value + 1} of epoch {state.timestamp.epoch.value}, samples {first}.."
+
+
+class SpikeMonitor(Callback):
+    """Logs a loss more than `zscore` standard deviations above the mean of the last `window` normal
+    steps (spikes stay out of the window, so a run of them keeps being reported). Counts them as
+    `train/loss_spikes`; the window and the count are in the checkpoint, so a resume reports the same."""
+
+    def __init__(self, window: int, zscore: float):
+        self.window, self.zscore = window, zscore
+        self.losses: collections.deque = collections.deque(maxlen=window)
+        self.spikes = 0
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "spikes": self.spikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = collections.deque(state.get("losses", []), maxlen=self.window)
+        self.spikes = int(state.get("spikes", 0))
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan")
+        if not math.isfinite(loss):
+            return
+        if len(self.losses) == self.window:
+            mean = sum(self.losses) / self.window
+            std = (sum((x - mean) ** 2 for x in self.losses) / self.window) ** 0.5
+            if loss > mean + self.zscore * max(std, 1e-6 * abs(mean)):
+                self.spikes += 1
+                logger.log_metrics({"train/loss_spikes": self.spikes})
+                if dist.get_global_rank() == 0:
+                    print(f"[{state.run_name}] loss spike at step {state.timestamp.batch.value}: {loss:.4f} vs mean "
+                          f"{mean:.4f} (std {std:.4f}) of the last {self.window} steps", flush=True)
+                return
+        self.losses.append(loss)
+
+
+def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
+    """The callbacks run() appends: the atomic saver (Composer then uses it instead of its own), the
+    non-finite guard, the spike monitor, and the test-only kill hook when ETTIN_FAULT asks for it."""
+    from ettin_train.composer_adapter import _composer_time  # imported late: the adapter imports this module
+
+    rel = recipe.reliability
+    saver = AtomicCheckpointSaver(str(save_folder), _composer_time(recipe.checkpoint.interval), recipe.checkpoint.keep,
+                                  min_free_bytes=int(rel.min_free_gb * 2**30))
+    callbacks = [saver, NonFiniteGuard(rel.nonfinite, rel.nonfinite_max_skips, saver), SpikeMonitor(rel.spike_window, rel.spike_zscore)]
+    kill = fault_kills_in_training()
+    return callbacks + ([kill] if kill else [])
+
+
+def fault_kills_in_training() -> Callback | None:
+    """The test hook `ETTIN_FAULT=backward@N`: SIGKILL after step N's backward, before its optimizer step."""
+    if "backward@" not in os.environ.get(FAULT_ENV, ""):
+        return None
+
+    class _Kill(Callback):
+        def after_backward(self, state: State, logger: Logger) -> None:
+            _die_if("backward", state.timestamp.batch.value + 1)
+
+    return _Kill()
+
+
+_STREAMING_SHM = re.compile(r"^\d{6}_")
+
+
+def clean_streaming_leftovers() -> list[str]:
+    """Removes streaming's shared memory (`/dev/shm/NNNNNN_*`) and lock files (`$TMPDIR/NNNNNN_*filelock`)
+    that no live process holds: what a killed run leaves, and the lock files every run leaves (streaming
+    skips a prefix whose lock file exists, so they pile up). A prefix with any entry still open or
+    mapped by a live process (another run on this machine) is left alone. Returns what was removed."""
+    shm, tmp = Path("/dev/shm"), Path(tempfile.gettempdir())
+    entries = [p for p in (shm.iterdir() if shm.is_dir() else []) if _STREAMING_SHM.match(p.name)]
+    entries += [p for p in tmp.iterdir() if _STREAMING_SHM.match(p.name) and p.name.endswith("filelock")]
+    if not entries:
+        return []
+    in_use = _paths_in_use()
+    live_prefixes = {p.name[:6] for p in entries if str(p) in in_use}
+    removed = []
+    for p in entries:
+        if p.name[:6] not in live_prefixes:
+            try:
+                p.unlink()
+                removed.append(str(p))
+            except OSError:  # another user's, or gone already
+                pass
+    return removed
+
+
+def _paths_in_use() -> set[str]:
+    used: set[str] = set()
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                used.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            with open(f"/proc/{pid}/maps") as maps:
+                used.update(line.split(None, 5)[5].strip() for line in maps if "/" in line and len(line.split(None, 5)) == 6)
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return {u.removesuffix(" (deleted)") for u in used}

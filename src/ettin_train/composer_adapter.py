@@ -317,6 +317,8 @@ def run(recipe: Recipe) -> None:
     elif recipe.checkpoint.load_path:
         load_path = recipe.checkpoint.load_path
         try:
+            if load_path.startswith("hf://"):
+                load_path = resume.fetch_hub_file(load_path)
             if not resume.is_remote(load_path):
                 load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()})
         except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error

@@ -159,12 +159,17 @@ def test_load_path_problems_stop_before_anything_is_written(tiny_data, tmp_path)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith("error: checkpoint.load_path: ") and str(target) in proc.stderr and message in proc.stderr
         assert not (tmp_path / "run").exists()
-    # remote paths go to Composer's downloader, which knows these schemes; others are refused up front
-    from ettin_train.checkpoint.resume import is_remote
+    # remote paths go to Composer's downloader, which knows these schemes, or (hf://) to huggingface_hub
+    from ettin_train.checkpoint.resume import fetch_hub_file, hub_file, is_remote
 
     assert is_remote("s3://bucket/run/ep0-ba5996-rank0.pt") and not is_remote(str(tmp_path / "weights.pt"))
-    with pytest.raises(ValueError, match="hf://.*resolve"):
-        is_remote("hf://jhu-clsp/ettin-checkpoints/ep0-ba5996-rank0.pt")
+    with pytest.raises(ValueError, match="ftp://"):
+        is_remote("ftp://host/ep0-ba5996-rank0.pt")
+    assert hub_file("hf://datasets/jhu-clsp/ettin-checkpoints@v1/encoder-17m/pretrain/ep0-ba2997-rank0.pt") == dict(
+        repo_id="jhu-clsp/ettin-checkpoints", filename="encoder-17m/pretrain/ep0-ba2997-rank0.pt", repo_type="dataset",
+        revision="v1")
+    with pytest.raises(ValueError, match="cannot download it from the Hub"):  # the tests run offline
+        fetch_hub_file("hf://datasets/jhu-clsp/ettin-checkpoints/encoder-17m/ep0-ba2997-rank0.pt")
 
 
 def _tiny_weights(recipe_path: Path) -> dict:

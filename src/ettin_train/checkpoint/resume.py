@@ -29,14 +29,40 @@ from ettin_train.checkpoint.composer_format import find_checkpoint
 REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "http", "https")
 
 
+def hub_file(uri: str) -> dict:
+    """`hf://[datasets/|models/]ORG/NAME[@REVISION]/PATH` (huggingface_hub's notation) as hf_hub_download arguments."""
+    rest = uri.removeprefix("hf://")
+    repo_type = "model"
+    for kind in ("datasets", "models", "spaces"):
+        if rest.startswith(f"{kind}/"):
+            repo_type, rest = kind[:-1], rest[len(kind) + 1:]
+    parts = rest.split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{uri}: a Hub file is hf://[datasets/]ORG/NAME[@REVISION]/PATH")
+    name, _, revision = parts[1].partition("@")
+    return dict(repo_id=f"{parts[0]}/{name}", filename=parts[2], repo_type=repo_type, revision=revision or None)
+
+
+def fetch_hub_file(uri: str) -> str:
+    """Downloads an hf:// checkpoint into the Hugging Face cache (shared by the ranks of a node, which huggingface_hub
+    locks; a second run finds it there; HF_TOKEN for private repositories) and returns the local path."""
+    from huggingface_hub import hf_hub_download
+
+    args = hub_file(uri)
+    try:
+        return hf_hub_download(**args)
+    except Exception as e:  # noqa: BLE001 - offline, missing file, no access: one line saying which
+        raise ValueError(f"{uri}: cannot download it from the Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
 def is_remote(path: str) -> bool:
     """True for a URI that Composer downloads (checked: an unsupported scheme raises ValueError); False for a local path."""
     scheme, sep, _ = path.partition("://")
     if not sep:
         return False
     if scheme.lower() not in REMOTE_SCHEMES:
-        raise ValueError(f"{path}: Composer cannot download {scheme}:// paths (it can: {', '.join(REMOTE_SCHEMES)}); for a "
-                         "file on the Hugging Face Hub use https://huggingface.co/<repo>/resolve/<revision>/<file>")
+        raise ValueError(f"{path}: cannot download {scheme}:// paths (Composer can: {', '.join(REMOTE_SCHEMES)}; "
+                         "and hf:// through huggingface_hub)")
     return True
 
 

@@ -94,8 +94,8 @@ class CheckpointConfig:
     keep: int = -1
     # Continue from the newest checkpoint in the run folder if there is one.
     autoresume: bool = True
-    # Continue another run from this checkpoint: a file, a run folder (its newest), or a remote URI (s3://, gs://,
-    # oci://, ...), ours or in the original runs' layout. A full resume: weights, optimizer, scheduler, clock, RNG
+    # Continue another run from this checkpoint: a file, a run folder (its newest), an hf://[datasets/]ORG/NAME/PATH,
+    # or a URI Composer downloads (s3://, gs://, https://, ...), ours or in the original runs' layout. A full resume: weights, optimizer, scheduler, clock, RNG
     # and data position, at the next batch (init.checkpoint instead starts a new phase). Autoresume wins once
     # this run has checkpoints of its own.
     load_path: Optional[str] = None

@@ -23,10 +23,12 @@ from optimi import StableAdamW
 from torch.utils.data import DataLoader
 
 from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
+from ettin_train.checkpoint import resume
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError, rows_sha256
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
 from ettin_train.data.replay import ReplayBatches
+from ettin_train.live_export import CheckpointExporter
 from ettin_train.model import EttinModel
 from ettin_train.objectives import Objective, SpecialTokens, get_objective
 from ettin_train.preflight import preflight
@@ -184,6 +186,38 @@ class RestoreRngMidEpoch(Callback):
             self.rng_state = None
 
 
+class ExportCheckpoints(Callback):
+    """`export.repo`: exports each checkpoint as the CheckpointSaver writes it (see live_export.py), or with
+    `export.every_checkpoint: false` only the last one, at the end of the run."""
+
+    def __init__(self, exporter: CheckpointExporter, every_checkpoint: bool):
+        self.exporter, self.every, self.done, self.saver = exporter, every_checkpoint, set(), None
+
+    def take_over(self, trainer: Trainer) -> None:
+        self.saver = trainer._checkpoint_saver
+        # Callbacks run in list order and the Trainer appends its saver last: run after it.
+        trainer.state.callbacks.remove(self)
+        trainer.state.callbacks.append(self)
+
+    def _export_new(self, last_only: bool) -> None:
+        if dist.get_global_rank() != 0 or self.saver is None:
+            return
+        new = [p for p in self.saver.saved_checkpoints if p not in self.done]
+        for path in new[-1:] if last_only else new:
+            self.exporter.export(path)
+        self.done.update(new)
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        if self.every:
+            self._export_new(last_only=False)
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self.batch_checkpoint(state, logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._export_new(last_only=not self.every)
+
+
 class MetricsOnlyWandB(WandBLogger):
     """Composer's autoresume asks every logger for the latest checkpoint, and WandBLogger then calls the
     wandb API, which fails without an API key (offline runs). Checkpoints live in the run folder only."""
@@ -278,10 +312,22 @@ def run(recipe: Recipe) -> None:
     save_folder = run_dir / "checkpoints"
     preflight(recipe, model, save_folder)  # bad inputs stop here; a crashed run's checkpoint folder is repaired
     resuming = recipe.checkpoint.autoresume and (save_folder / "latest-rank0.pt").exists()
+    load_path = None
     if resuming:
         started = f"resuming from {os.path.realpath(save_folder / 'latest-rank0.pt')} (model, optimizer, schedule, clock, data position)"
     elif recipe.init.checkpoint:
         started = start_phase_from(recipe.init.checkpoint, recipe, model, optimizer)
+    elif recipe.checkpoint.load_path:
+        load_path = recipe.checkpoint.load_path
+        try:
+            if load_path.startswith("hf://"):
+                load_path = resume.fetch_hub_file(load_path)
+            if not resume.is_remote(load_path):
+                load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()})
+        except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error
+            print(f"error: checkpoint.load_path: {e}", file=sys.stderr)
+            sys.exit(2)
+        started = f"continuing from {load_path} (checkpoint.load_path: a full resume)"
     else:
         started = "fresh initialisation"
 
@@ -326,6 +372,12 @@ def run(recipe: Recipe) -> None:
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))
     callbacks += reliability_callbacks(recipe, save_folder)  # atomic checkpoints, non-finite guard, spike monitor
+    exporter = ExportCheckpoints(CheckpointExporter(recipe.export.repo, recipe.run_name), recipe.export.every_checkpoint) \
+        if recipe.export.repo else None
+    callbacks += [exporter] if exporter else []
+    # Both loaders (replayed order, own data) seek from a sample count, so a checkpoint without a data position
+    # (the original runs') continues at its step without re-reading the epoch.
+    layout = resume.CurrentLayout(optimizer.defaults, data_position=lambda n: dataset.state_dict(n, True))
     loggers = []
     wandb = recipe.logging.wandb
     if wandb.project and wandb.mode != "disabled":
@@ -349,13 +401,19 @@ def run(recipe: Recipe) -> None:
         save_interval=_composer_time(recipe.checkpoint.interval),
         save_num_checkpoints_to_keep=recipe.checkpoint.keep,
         autoresume=recipe.checkpoint.autoresume,
+        load_path=load_path,
+        load_ignore_keys=layout,
         seed=recipe.train.seed,
         callbacks=callbacks,
         loggers=loggers,
         progress_bar=False,
         log_to_console=False,
     )
+    if dist.get_global_rank() == 0 and (resuming or load_path or recipe.init.checkpoint):
+        print(_start_block(recipe, trainer, resuming or bool(load_path), layout.notes), flush=True)
     restore_rng.take_over(trainer)
+    if exporter:
+        exporter.take_over(trainer)
     try:
         trainer.fit()
     except StopRun as e:
@@ -364,6 +422,19 @@ def run(recipe: Recipe) -> None:
         trainer.close()
     if dist.get_global_rank() == 0:
         print(f"[{recipe.run_name}] done at step {trainer.state.timestamp.batch.value}; checkpoints in {save_folder}", flush=True)
+
+
+def _start_block(recipe: Recipe, trainer: Trainer, full_resume: bool, notes: list[str]) -> str:
+    """What the run took from a checkpoint, read off the state Composer restored (so remote paths too)."""
+    ts, group = trainer.state.timestamp, trainer.state.optimizers[0].param_groups[0]
+    adam_step = int(group.get("step", 0))
+    if full_resume:
+        loaded, reset = resume.resume_parts(
+            ts.batch.value, ts.token.value, adam_step, len(trainer._rng_state or []), ts.epoch.value,
+            ts.sample_in_epoch.value, bool(trainer.state.dataset_resumption.get("train")))
+    else:
+        loaded, reset = resume.phase_start_parts(recipe.init.load, adam_step)
+    return resume.start_block(recipe.run_name, loaded, reset, notes, ts.batch.value + 1)
 
 
 def _composer_time(duration: str) -> str:

@@ -59,6 +59,9 @@ def make_plan(recipe: Recipe) -> dict:
         "data": recipe.data.path,
         "init_from": None if not init.checkpoint else {"checkpoint": init.checkpoint, "load": init.load,
                                                        "fresh": ["learning rate", "schedule", "clock"]},
+        # a full resume (checkpoint.load_path excludes init.checkpoint): nothing starts fresh
+        **({"init_from": {"checkpoint": recipe.checkpoint.load_path, "load": "full", "fresh": []}}
+           if recipe.checkpoint.load_path else {}),
         "autoresume": recipe.checkpoint.autoresume,
     }
 
@@ -66,7 +69,7 @@ def make_plan(recipe: Recipe) -> dict:
 def format_plan(plan: dict) -> str:
     est = "~" if plan["steps_are_estimated"] else ""
     init = plan["init_from"]
-    start = "fresh initialisation" if init is None else f"{init['load']} from {init['checkpoint']} (fresh: {', '.join(init['fresh'])})"
+    start = "fresh initialisation" if init is None else f"{init['load']} from {init['checkpoint']} (fresh: {', '.join(init['fresh']) or 'nothing'})"
     rows = [
         ("run", f"{plan['run_name']} -> {plan['run_dir']}"),
         ("objective / phase", f"{plan['objective']} / {plan['phase']}"),

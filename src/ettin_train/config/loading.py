@@ -228,6 +228,9 @@ def _check_semantics(r: Recipe, sources: dict[str, str], recipe_path: str) -> No
         raise RecipeError(f"key 'data.mask_rate' ({where('data.mask_rate')}) must be in [0, 1), got {r.data.mask_rate}")
     if len(r.optimizer.betas) != 2:
         raise RecipeError(f"key 'optimizer.betas' ({where('optimizer.betas')}) must have two values, got {r.optimizer.betas}")
+    if r.checkpoint.load_path and r.init.checkpoint:
+        raise RecipeError(f"keys 'checkpoint.load_path' ({where('checkpoint.load_path')}) and 'init.checkpoint' "
+                          f"({where('init.checkpoint')}) exclude each other: one continues a run, the other starts a phase")
 
 
 def _first_line(e: Exception) -> str:

@@ -108,6 +108,11 @@ class CheckpointConfig:
     keep: int = -1
     # Continue from the newest checkpoint in the run folder if there is one.
     autoresume: bool = True
+    # Continue another run from this checkpoint: a file, a run folder (its newest), an hf://[datasets/]ORG/NAME/PATH,
+    # or a URI Composer downloads (s3://, gs://, https://, ...), ours or in the original runs' layout. A full resume: weights, optimizer, scheduler, clock, RNG
+    # and data position, at the next batch (init.checkpoint instead starts a new phase). Autoresume wins once
+    # this run has checkpoints of its own.
+    load_path: Optional[str] = None
 
 
 @dataclass
@@ -119,6 +124,17 @@ class InitConfig:
     # What is taken from it: the weights, or the weights and the optimizer moments. The learning rate,
     # schedule and clock always start fresh from this recipe.
     load: Literal["model", "model+optimizer"] = "model+optimizer"
+
+
+@dataclass
+class ExportConfig:
+    """Export during training: each checkpoint is converted, verified in transformers and tagged
+    step/ext/decay in a git repository as soon as it is written (as ettin-export does), on rank 0."""
+
+    # The git repository (created if missing); null: no export during training.
+    repo: Optional[str] = None
+    # false: export only the run's final checkpoint.
+    every_checkpoint: bool = True
 
 
 @dataclass
@@ -170,6 +186,7 @@ class Recipe:
     init: InitConfig = field(default_factory=InitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # Keys that exist on a dataclass but are not the recipe's to set (derived from other keys).

@@ -1,0 +1,162 @@
+"""Continuing a run from a raw Composer checkpoint, and the block that says what a run's start took.
+
+A full resume (`checkpoint.load_path`, or autoresume from the run folder) continues the same run at the next
+batch: Composer restores the weights, the optimizer (moments and hyperparameters), the `LambdaLR` scheduler, the
+clock, the RNG and the data position. Checkpoints of the original runs (Composer 0.24.1 with torch-optimi 0.2.1,
+research section 3.5) differ from what Composer 0.32.1 with optimi 0.3 reads in two ways; `CurrentLayout` rewrites
+them in memory while Composer loads them (its `load_ignore_keys` hook), so local and remote files are handled alike:
+
+- parameter-group keys optimi 0.2.1 did not have (`triton`) are filled from this optimizer, and `triton` is always
+  this machine's choice (a GPU run's kernels do not carry over to a CPU);
+- `dataset_state.train` None (the original used a map-style loader and saved no position): with a replayed order
+  (`data.order`) the position is the clock's (the order says which rows each step trained on), so the loader seeks
+  to the next step; otherwise it is dropped, and Composer reaches the position by re-reading (spinning) the
+  epoch's first batches.
+
+Optimizer state keyed by parameter index (section 3.5; ours is keyed by name) needs nothing: torch 2.7's
+`set_optimizer_state_dict` passes index-keyed state to `Optimizer.load_state_dict`, which matches by position.
+
+Nothing here imports Composer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ettin_train.checkpoint.composer_format import find_checkpoint
+
+# What Composer 0.32.1's load_path downloads: its object stores by URI, and plain HTTP(S) (a Hub file's resolve URL).
+REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "http", "https")
+
+
+def hub_file(uri: str) -> dict:
+    """`hf://[datasets/|models/]ORG/NAME[@REVISION]/PATH` (huggingface_hub's notation) as hf_hub_download arguments."""
+    rest = uri.removeprefix("hf://")
+    repo_type = "model"
+    for kind in ("datasets", "models", "spaces"):
+        if rest.startswith(f"{kind}/"):
+            repo_type, rest = kind[:-1], rest[len(kind) + 1:]
+    parts = rest.split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{uri}: a Hub file is hf://[datasets/]ORG/NAME[@REVISION]/PATH")
+    name, _, revision = parts[1].partition("@")
+    return dict(repo_id=f"{parts[0]}/{name}", filename=parts[2], repo_type=repo_type, revision=revision or None)
+
+
+def fetch_hub_file(uri: str) -> str:
+    """Downloads an hf:// checkpoint into the Hugging Face cache (shared by the ranks of a node, which huggingface_hub
+    locks; a second run finds it there; HF_TOKEN for private repositories) and returns the local path."""
+    from huggingface_hub import hf_hub_download
+
+    args = hub_file(uri)
+    try:
+        return hf_hub_download(**args)
+    except Exception as e:  # noqa: BLE001 - offline, missing file, no access: one line saying which
+        raise ValueError(f"{uri}: cannot download it from the Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def is_remote(path: str) -> bool:
+    """True for a URI that Composer downloads (checked: an unsupported scheme raises ValueError); False for a local path."""
+    scheme, sep, _ = path.partition("://")
+    if not sep:
+        return False
+    if scheme.lower() not in REMOTE_SCHEMES:
+        raise ValueError(f"{path}: cannot download {scheme}:// paths (Composer can: {', '.join(REMOTE_SCHEMES)}; "
+                         "and hf:// through huggingface_hub)")
+    return True
+
+
+def check_full_checkpoint(path: str, model_keys: set[str]) -> str:
+    """The local checkpoint file `path` names (a file, or a run folder's newest), after checking that it holds a
+    whole training state for this model. Raises ValueError with a one-line reason."""
+    try:
+        file = find_checkpoint(path)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    try:  # mmap: only the keys are read here, however large the file
+        ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    state = ckpt.get("state") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{file} is not a Composer checkpoint (no state.model)")
+    theirs = set(state["model"])
+    missing, unexpected = sorted(model_keys - theirs), sorted(theirs - model_keys)
+    if missing or unexpected:
+        raise ValueError(f"{file} does not fit this recipe's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if "StableAdamW" not in (state.get("optimizers") or {}):
+        raise ValueError(f"{file} has no StableAdamW state, so it cannot be continued as the same run; "
+                         "to start from its weights use init.checkpoint with init.load=model")
+    if "Timestamp" not in (state.get("timestamp") or {}):
+        raise ValueError(f"{file} has no timestamp, so the step to continue at is unknown")
+    return str(file)
+
+
+class CurrentLayout:
+    """Composer's `load_ignore_keys` callable: rewrites a checkpoint's state in place into the layout this stack
+    reads (see the module docstring); `notes` says what it changed, for the start block."""
+
+    def __init__(self, defaults: dict, data_position=None):
+        # data_position(samples consumed in the epoch) -> the dataset's state dict, for datasets that can seek
+        self.defaults, self.data_position = defaults, data_position
+        self.notes: list[str] = []
+
+    def __call__(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state", {})
+        opt = (state.get("optimizers") or {}).get("StableAdamW")
+        if opt is not None:
+            self._optimizer(opt)
+        data = state.get("dataset_state")
+        if isinstance(data, dict) and data.get("train") is None and self.data_position is not None:
+            samples = int(state["timestamp"]["Timestamp"]["sample_in_epoch"])
+            state["dataset_state"] = dict(data, train=self.data_position(samples))
+            self.notes.append(f"no data position in the checkpoint: the loader seeks past its first {samples:,} samples")
+        elif isinstance(data, dict) and data.get("train") is None:
+            del state["dataset_state"]
+            self.notes.append("no data position in the checkpoint: the loader re-reads the epoch's first batches")
+
+    def _optimizer(self, opt: dict) -> None:
+        added = set()
+        for group in opt["param_groups"]:
+            for key in self.defaults.keys() - group.keys():
+                group[key] = self.defaults[key]
+                added.add(key)
+            group["triton"] = self.defaults.get("triton", False)
+        if added:
+            self.notes.append(f"optimizer keys the checkpoint's optimi lacks, taken from the recipe: {', '.join(sorted(added))}")
+
+
+def start_block(name: str, loaded: list[str], reset: list[str], notes: list[str], next_step: int) -> str:
+    """The lines printed before training, under the `start:` line: what was loaded, what was reset, the step."""
+    lines = [f"  loaded: {'; '.join(loaded) or 'nothing'}", f"  reset: {'; '.join(reset) or 'nothing'}"]
+    lines += [f"  converted: {note}" for note in notes]
+    lines.append(f"  continues at step {next_step}")
+    return "\n".join(f"[{name}]{line}" for line in lines)
+
+
+def phase_start_parts(load: str, adam_step: int) -> tuple[list[str], list[str]]:
+    """(loaded, reset) for a phase start (`init.checkpoint`)."""
+    loaded = ["model weights"]
+    reset = ["learning rate, schedule and clock (step 0)", "data position (the start of the data)", "RNG (train.seed)"]
+    if load == "model+optimizer":
+        loaded.append(f"optimizer moments (Adam step {adam_step})")
+    else:
+        reset.insert(0, "optimizer moments")
+    return loaded, reset
+
+
+def resume_parts(batch: int, tokens: int, adam_step: int, rng_ranks: int, epoch: int, sample_in_epoch: int,
+                 data_restored: bool) -> tuple[list[str], list[str]]:
+    """(loaded, reset) for a full resume, from the state Composer restored."""
+    loaded = ["model weights", f"optimizer moments and hyperparameters (Adam step {adam_step})", "scheduler (LambdaLR)",
+              f"clock (step {batch}, {tokens:,} tokens)"]
+    reset = []
+    if rng_ranks:
+        loaded.append(f"RNG ({rng_ranks} rank(s))")
+    else:
+        reset.append("RNG (train.seed)")
+    how = "the loader seeks there" if data_restored else "the loader re-reads the epoch up to there"
+    loaded.append(f"data position (epoch {epoch}, sample {sample_in_epoch:,}, {how})")
+    return loaded, reset

@@ -22,6 +22,7 @@ from composer.utils import dist, reproducibility
 from optimi import StableAdamW
 from torch.utils.data import DataLoader
 
+from ettin_train import parallel, speed
 from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
 from ettin_train.checkpoint import resume
 from ettin_train.config import Duration, Recipe, recipe_to_dict
@@ -65,32 +66,51 @@ class LRSchedule:
 
 
 class Progress(Callback):
-    """One console line every `interval` steps on rank 0: step, loss, lr, tokens, tokens/s, ETA."""
+    """One console line every `interval` steps on rank 0: step, loss, lr, tokens, tokens/s and (on CUDA)
+    MFU over the last interval, ETA. The same rates go to the loggers as throughput/*."""
 
     def __init__(self, recipe: Recipe, interval: int):
         self.interval = interval
         self.total, self.unit = Duration.parse(recipe.train.max_duration)
         self.name = recipe.run_name
         self.start_time = self.start_tokens = self.start_batch = None
+        self.model_cfg, self.peak_override = recipe.model, recipe.logging.peak_flops
+        self.window = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self.start_time = time.perf_counter()
         self.start_tokens, self.start_batch = state.timestamp.token.value, state.timestamp.batch.value
+        on_gpu = isinstance(state.device, DeviceGPU)
+        peak = speed.peak_flops(torch.cuda.get_device_name(), self.peak_override) if on_gpu else None
+        self.window = speed.SpeedWindow(self.model_cfg, peak, dist.get_world_size())
+        self.window.start(self.start_time, self.start_tokens)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         step = state.timestamp.batch.value
         done = (state.timestamp.token.value if self.unit == "tok" else step) >= self.total
-        if dist.get_global_rank() != 0 or (step % self.interval and not done):
+        self.window.add(state.batch)
+        if step % self.interval and not done:
             return
+        flops = None
+        if self.window.peak:  # every rank takes part in the sum
+            flops = state.device.tensor_to_device(speed.local_flops_tensor(self.window))
+            dist.all_reduce(flops)
+            flops = float(flops.item())
+        rates = self.window.report(time.perf_counter(), state.timestamp.token.value, flops)
+        if dist.get_global_rank() != 0:
+            return
+        logger.log_metrics(rates)
         elapsed = time.perf_counter() - self.start_time
         tokens = state.timestamp.token.value
-        tok_per_s = (tokens - self.start_tokens) / max(elapsed, 1e-9)
-        progress, rate = (tokens, tok_per_s) if self.unit == "tok" else (step, (step - self.start_batch) / max(elapsed, 1e-9))
+        tok_per_s = rates["throughput/tokens_per_sec"]
+        mfu = f"  MFU {rates['throughput/mfu']:.1%}" if "throughput/mfu" in rates else ""
+        progress, rate = (tokens, (tokens - self.start_tokens) / max(elapsed, 1e-9)) if self.unit == "tok" \
+            else (step, (step - self.start_batch) / max(elapsed, 1e-9))
         eta = max(0.0, self.total - progress) / rate if rate > 0 else float("nan")
         lr = state.optimizers[0].param_groups[0]["lr"]
         loss = float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan")
         print(f"[{self.name}] step {step:>6}  loss {loss:7.4f}  lr {lr:.2e}  tokens {_si(tokens)}/{_si(self.total) if self.unit == 'tok' else '?'}"
-              f"  {_si(tok_per_s)} tok/s  ETA {_hms(eta)}", flush=True)
+              f"  {_si(tok_per_s)} tok/s{mfu}  ETA {_hms(eta)}", flush=True)
 
 
 class RunMetadata(Callback):
@@ -112,7 +132,7 @@ class RunMetadata(Callback):
 
 class Ledger(Callback):
     """`ledger.jsonl` in the run folder: one line per step with the step, phase, data step (replay),
-    rows, non-padding tokens, `rows_sha256` (sha256 over the step's global rows in order, each row's
+    rows, non-padding tokens, the loss, `rows_sha256` (sha256 over the step's global rows in order, each row's
     non-padding ids as little-endian int32; the same digest data_tools/show_batch.py prints for a step
     of an order) and `inputs_sha256` (the same over the model's inputs, i.e. after MLM masking)."""
 
@@ -131,16 +151,19 @@ class Ledger(Callback):
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
         labels = batch.get("labels")
         original = ids if labels is None else torch.where(labels.cpu() != -100, labels.cpu(), ids)
-        mine = ([original[i][mask[i]].numpy() for i in range(len(ids))], [ids[i][mask[i]].numpy() for i in range(len(ids))])
+        mine = ([original[i][mask[i]].numpy() for i in range(len(ids))], [ids[i][mask[i]].numpy() for i in range(len(ids))],
+                float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan"))
         gathered = dist.all_gather_object(mine)
         if dist.get_global_rank() != 0:
             return
-        rows = [r for rank_rows, _ in gathered for r in rank_rows]
-        inputs = [r for _, rank_inputs in gathered for r in rank_inputs]
+        rows = [r for rank_rows, _, _ in gathered for r in rank_rows]
+        inputs = [r for _, rank_inputs, _ in gathered for r in rank_inputs]
         line = {"step": state.timestamp.batch.value, "phase": self.phase,
                 "data_step": int(batch["step"][0]) if "step" in batch else None,
                 "rows": len(rows), "tokens": int(sum(len(r) for r in rows)),
-                "rows_sha256": rows_sha256(rows), "inputs_sha256": rows_sha256(inputs)}
+                "rows_sha256": rows_sha256(rows), "inputs_sha256": rows_sha256(inputs),
+                # the mean of the ranks' losses: the loss whose gradient the step applied (DDP/FSDP average)
+                "loss": sum(loss for _, _, loss in gathered) / len(gathered)}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -291,11 +314,16 @@ def run(recipe: Recipe) -> None:
     on_gpu = recipe.train.device == "gpu" or (recipe.train.device == "auto" and torch.cuda.is_available())
     device = DeviceGPU() if on_gpu else DeviceCPU()
     # Distributed must be up before streaming builds its dataset (streaming starts its own process group).
+    parallel.adopt_torchrun_env()
     dist.initialize_dist(device)
     world = dist.get_world_size()
     if recipe.train.global_batch % world and not recipe.data.order:
         sys.exit(f"error: train.global_batch {recipe.train.global_batch} is not divisible by the world size {world}")
     per_device = recipe.train.global_batch // world
+    try:
+        parallel.check(recipe.parallel, world, on_gpu)
+    except parallel.ParallelError as e:
+        sys.exit(f"error: {e}")
     reproducibility.seed_all(recipe.train.seed)
 
     from transformers import AutoTokenizer
@@ -362,7 +390,7 @@ def run(recipe: Recipe) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         print(f"[{recipe.run_name}] {recipe.objective} {recipe.phase}, {model.num_params():,} parameters, "
-              f"{world} process(es) on {'gpu' if on_gpu else 'cpu'}, {per_device} sequences per device\n"
+              f"{world} process(es) on {'gpu' if on_gpu else 'cpu'} ({parallel.describe(recipe.parallel, world)}), {per_device} sequences per device\n"
               f"[{recipe.run_name}] start: {started}", flush=True)
 
     restore_rng = RestoreRngMidEpoch()
@@ -386,6 +414,7 @@ def run(recipe: Recipe) -> None:
         loggers.append(MetricsOnlyWandB(project=wandb.project, entity=wandb.entity, init_kwargs={"dir": str(run_dir)}))
 
     precision = recipe.train.precision if recipe.train.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
+    parallelism = parallel.prepare(recipe.parallel, model, world, "cuda" if on_gpu else "cpu")
     trainer = Trainer(
         model=EttinComposerModel(model, objective),
         train_dataloader=data,
@@ -408,12 +437,14 @@ def run(recipe: Recipe) -> None:
         loggers=loggers,
         progress_bar=False,
         log_to_console=False,
+        parallelism_config=parallelism,
     )
     if dist.get_global_rank() == 0 and (resuming or load_path or recipe.init.checkpoint):
         print(_start_block(recipe, trainer, resuming or bool(load_path), layout.notes), flush=True)
     restore_rng.take_over(trainer)
     if exporter:
         exporter.take_over(trainer)
+    parallel.after_wrap(model)
     try:
         trainer.fit()
     except StopRun as e:

@@ -75,14 +75,19 @@ class Export:
 
 def list_checkpoints(source: str | Path) -> list[Path]:
     """The checkpoint files of SOURCE in batch order (symlinks such as latest-rank0.pt are not checkpoints)."""
+    from ettin_train.checkpoint.composer_format import is_sharded
+
     source = Path(source)
-    if source.is_file():
+    if source.is_file() or is_sharded(source):
         return [source.resolve()]
     if not source.is_dir():
         raise Refused(f"{source} does not exist")
     for folder in (source / "checkpoints", source):
         found = sorted((int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt")
                        if (m := _NAME.match(f.name)) and not f.is_symlink())
+        # parallel.checkpoint_format: sharded writes ep{E}-ba{B}/ folders instead
+        found += sorted((int(m.group(2)), f) for f in folder.glob("ep*-ba*")
+                        if (m := re.match(r"^ep(\d+)-ba(\d+)$", f.name)) and is_sharded(f) and not f.is_symlink())
         if found:
             return [f for _, f in found]
     raise Refused(f"no checkpoint (ep*-ba*-rank0.pt) in {source} or {source / 'checkpoints'}")

@@ -114,7 +114,7 @@ def _fsync(path: str | Path, directory: bool = False) -> None:
 
 class AtomicCheckpointSaver(CheckpointSaver):
     """Composer's saver with the write made atomic (temporary name, fsync, rename, marker, symlink swap)
-    and the free space checked before each write. Local, monolithic (rank-0) checkpoints only."""
+    and the free space checked before each write, for local, monolithic (rank-0) checkpoints."""
 
     def __init__(self, folder: str, save_interval: str, keep: int, min_free_bytes: int = 0):
         super().__init__(folder=folder, filename="ep{epoch}-ba{batch}-rank{rank}.pt", remote_file_name=None,
@@ -133,7 +133,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled:
-            raise RuntimeError("AtomicCheckpointSaver writes monolithic checkpoints only; sharded ones are not atomic here")
+            # A sharded checkpoint (parallel.checkpoint_format: sharded) is a folder every rank writes its part of;
+            # Composer's own saver writes it in place, so it is not atomic (docs/reliability.md). Full ones are.
+            super()._save_checkpoint(state, logger)
+            self.last_complete = self.saved_checkpoints[-1] if self.saved_checkpoints else self.last_complete
+            return
         step = state.timestamp.batch.value
         self.last_checkpoint_batch = state.timestamp.batch
         final = checkpoint.get_save_filename(state, self.filename.format(state, keep_placeholders=True))

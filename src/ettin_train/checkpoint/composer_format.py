@@ -1,6 +1,10 @@
 """The raw Composer checkpoint layout: `ep{E}-ba{B}-rank0.pt` holding `{'state': {'model': ...,
 'optimizers': {'StableAdamW': ...}, 'schedulers': {'LambdaLR': ...}, 'timestamp': ...}, 'rng': [...]}`,
-with model keys prefixed `model.` (Composer's wrapper attribute)."""
+with model keys prefixed `model.` (Composer's wrapper attribute).
+
+A run with `parallel.checkpoint_format: sharded` writes instead a `torch.distributed.checkpoint` folder
+`ep{E}-ba{B}/` (`.metadata` and one `__{rank}_0.distcp` per rank) holding the same dict; it is read
+here on one CPU process with no process group."""
 
 from __future__ import annotations
 
@@ -10,25 +14,48 @@ from pathlib import Path
 import torch
 
 _NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+_SHARDED_NAME = re.compile(r"^ep(\d+)-ba(\d+)$")
+
+
+def is_sharded(path: Path) -> bool:
+    """A torch.distributed.checkpoint folder (sharded checkpoint)."""
+    return path.is_dir() and (path / ".metadata").is_file()
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or the newest `ep*-ba*-rank0.pt` in a folder (or its `checkpoints/`)."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     for folder in (path / "checkpoints", path):
         found = [(int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt") if (m := _NAME.match(f.name))]
+        found += [(int(m.group(2)), f) for f in folder.glob("ep*-ba*") if (m := _SHARDED_NAME.match(f.name)) and is_sharded(f)]
         if found:
             return max(found)[1]
-    raise FileNotFoundError(f"no checkpoint (ep*-ba*-rank0.pt) in {path} or {path / 'checkpoints'}")
+    raise FileNotFoundError(f"no checkpoint (ep*-ba*-rank0.pt or a sharded ep*-ba*/ folder) in {path} or {path / 'checkpoints'}")
 
 
 def load_checkpoint(path: str | Path) -> dict:
     # Composer pickles its Timestamp and RNG objects, so this is a full (trusted-file) unpickle.
-    return torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    path = find_checkpoint(path)
+    if not is_sharded(path):
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return _load_sharded(path)
+
+
+def _load_sharded(folder: Path) -> dict:
+    """The whole dict of a sharded checkpoint, each tensor put back together from its shards: the same
+    keys as a full checkpoint (optimizer state keyed by parameter name in both)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    checkpoint: dict = {}
+    _load_state_dict(checkpoint, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return checkpoint
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:

@@ -149,6 +149,9 @@ class WandbConfig:
 class LoggingConfig:
     # Print a progress line every this many steps.
     console_interval: int = 100
+    # Dense bf16 peak FLOP/s of one GPU for MFU; default: $ETTIN_PEAK_FLOPS, else looked up by card name
+    # (H100, H200, A100; src/ettin_train/speed.py). No MFU is shown for an unknown card or on a CPU.
+    peak_flops: Optional[float] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -171,6 +174,37 @@ class ReliabilityConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run spreads over processes; docs/launching.md says which strategy to choose by size."""
+
+    # ddp: every process holds the whole model and optimizer (fastest for 17m-150m).
+    # full_shard: FSDP2, parameters, gradients and optimizer state sharded over all processes; each
+    #   layer's parameters are gathered for the forward and again for the backward (least memory).
+    # shard_grad_op: as full_shard, but gathered parameters stay until the backward (ZeRO-2: more
+    #   memory, one all-gather less per layer).
+    # hybrid: full_shard within a group of `shard_size` processes (one node), replicated across groups.
+    strategy: Literal["ddp", "full_shard", "shard_grad_op", "hybrid"] = "ddp"
+    # hybrid only: processes per shard group; default: the processes of one node (LOCAL_WORLD_SIZE).
+    shard_size: Optional[int] = None
+    # Recompute each layer's activations in the backward instead of keeping them.
+    activation_checkpointing: bool = False
+    # torch.compile each transformer layer (for GPUs; docs/launching.md says what was measured).
+    compile: bool = False
+    # full: one file ep{E}-ba{B}-rank0.pt gathered on rank 0 (what the original runs wrote, what export
+    # reads fastest). sharded (FSDP strategies only): a torch.distributed.checkpoint folder ep{E}-ba{B}/
+    # that every rank writes its part of, reloadable on another number of processes.
+    checkpoint_format: Literal["full", "sharded"] = "full"
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_format == "sharded" and self.strategy == "ddp":
+            raise ValueError("parallel.checkpoint_format: 'sharded' needs an FSDP strategy (full_shard, shard_grad_op, "
+                             "hybrid); with ddp every rank holds the whole model, so use 'full'")
+        if self.shard_size is not None and (self.strategy != "hybrid" or self.shard_size <= 0):
+            raise ValueError(f"parallel.shard_size: {self.shard_size} is for strategy 'hybrid' and must be positive "
+                             f"(strategy is {self.strategy!r})")
+
+
+@dataclass
 class Recipe:
     run_name: str = MISSING
     # Everything a run writes goes here: checkpoints/, ledger.jsonl, recipe.yaml.
@@ -187,6 +221,7 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # Keys that exist on a dataclass but are not the recipe's to set (derived from other keys).

@@ -36,13 +36,10 @@ import torch
 from ettin_train.model import EttinModel, ModelConfig
 from ettin_train.model import ettin as ettin_module
 from ettin_train.model.flops import training_flops
+from ettin_train.speed import peak_flops as card_peak_flops
 from ettin_train.objectives import clm, mlm
 
 MASK_ID, PAD_ID = 50284, 50283
-
-# Dense bf16 peak without sparsity, from the vendors' datasheets.
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12}
-
 
 @dataclass
 class Row:
@@ -55,16 +52,6 @@ class Row:
 
 GPU_ROWS = [Row("150m", "mlm", 1024, 64), Row("1b", "clm", 1024, 16), Row("150m", "mlm", 7999, 8)]
 SMOKE_ROWS = [Row("17m", "mlm", 128, 2, vocab=512), Row("17m", "clm", 128, 2, vocab=512)]
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16.items():  # the PCIe entry comes first so it wins over plain "H100"
-        if key in name:
-            return value
-    return None
 
 
 def make_batch(row: Row, vocab: int, device: torch.device, seed: int = 0) -> dict:
@@ -233,7 +220,7 @@ def measure(name: str, spec: dict, row: Row, device: torch.device, amp: bool, wa
     real = int(batch["attention_mask"].sum())
     flops = training_flops(cfg, batch["attention_mask"].sum(1).tolist(), predicted_positions(row, batch))
     median = statistics.median(times)
-    peak = peak_flops(device)
+    peak = card_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     result = dict(
         row=f"{row.size} {'encoder' if row.objective == 'mlm' else 'decoder'} @ {row.seq} x {row.batch}",
         variant=name, optimizer=opt_name, real_tokens=real, fill=real / (row.batch * row.seq),
@@ -344,7 +331,7 @@ def main() -> int:
         hf_version = transformers.__version__
     except ImportError:
         hf_version = "not installed"
-    peak = peak_flops(device)
+    peak = card_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
                transformers=hf_version, flash_attn="yes" if ettin_module.flash_attn_varlen_func else "not installed",
                date=time.strftime("%Y-%m-%d"), peak_tflops=peak / 1e12 if peak else None,

@@ -19,6 +19,7 @@ import torch.distributed as tdist
 
 from ettin_train.checkpoint.hf import hf_config
 from ettin_train.config import Recipe, recipe_to_dict
+from ettin_train.data.permuted import resolve_sources
 from ettin_train.reliability import checkpoint_bytes, clean_streaming_leftovers, prepare_resume
 
 # What an exported config declares (max_position_embeddings) and so what transformers will accept.
@@ -55,24 +56,30 @@ def check_inputs(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> N
     if recipe.data.seq_len > MAX_POSITIONS:
         raise PreflightError(f"data.seq_len {recipe.data.seq_len} is longer than the {MAX_POSITIONS} positions the model "
                              "supports (max_position_embeddings of its exported config)")
-    if not recipe.data.order and not recipe.data.remote and rel.verify_shards != "none":
-        folder = Path(recipe.data.path) / (recipe.data.split or "")
-        check_shards(folder, hashes=rel.verify_shards == "hash")
+    if not recipe.data.order and rel.verify_shards != "none":
+        try:
+            sources = resolve_sources(recipe.data)  # data.path alone, or each of data.sources
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        for source in sources:
+            if source.remote is None:  # remote shards are checked by streaming as it downloads them
+                check_shards(Path(source.local) / (source.split or ""), hashes=rel.verify_shards == "hash",
+                             key=f"{source.key}.path")
     resume_from = prepare_resume(save_folder) if recipe.checkpoint.autoresume else None
     if resume_from is not None:
         check_resume_checkpoint(resume_from, recipe)
     check_room(save_folder, checkpoint_bytes(model) + int(rel.min_free_gb * 2**30))
 
 
-def check_shards(folder: Path, hashes: bool) -> None:
+def check_shards(folder: Path, hashes: bool, key: str = "data.path") -> None:
     """Every shard that `index.json` lists is there with its recorded size (and hash, if asked)."""
     index = folder / "index.json"
     if not index.is_file():
-        raise PreflightError(f"data.path: {index} not found (an MDS folder has an index.json)")
+        raise PreflightError(f"{key}: {index} not found (an MDS folder has an index.json)")
     try:
         shards = json.loads(index.read_text())["shards"]
     except (ValueError, KeyError) as e:
-        raise PreflightError(f"data.path: {index} is not an MDS index ({type(e).__name__}: {e})") from None
+        raise PreflightError(f"{key}: {index} is not an MDS index ({type(e).__name__}: {e})") from None
     from streaming.base.hashing import get_hash
 
     for shard in shards:
@@ -80,21 +87,23 @@ def check_shards(folder: Path, hashes: bool) -> None:
         entries = [e for e in (shard.get("zip_data"), shard.get("raw_data")) if e]
         present = [e for e in entries if (folder / e["basename"]).is_file()]
         if not present:
-            raise PreflightError(f"data.path: shard {folder / entries[0]['basename']} listed in {index} is missing")
+            raise PreflightError(f"{key}: shard {folder / entries[0]['basename']} listed in {index} is missing")
         for entry in present:
             path = folder / entry["basename"]
             size = path.stat().st_size
             if size != entry["bytes"]:
-                raise PreflightError(f"data.path: shard {path} is {size} bytes, {index} says {entry['bytes']} (truncated or replaced)")
+                raise PreflightError(f"{key}: shard {path} is {size} bytes, {index} says {entry['bytes']} (truncated or replaced)")
             if hashes:
                 data = path.read_bytes()
                 for algo, want in entry.get("hashes", {}).items():
                     if get_hash(algo, data) != want:
-                        raise PreflightError(f"data.path: shard {path} does not match its {algo} hash in {index}")
+                        raise PreflightError(f"{key}: shard {path} does not match its {algo} hash in {index}")
 
 
 def check_resume_checkpoint(path: Path, recipe: Recipe) -> None:
     """The checkpoint a resume loads must be of this recipe's objective and model shape (its RunMetadata)."""
+    if path.is_dir():  # a sharded checkpoint (a torch.distributed.checkpoint folder): Composer's load checks shapes
+        return
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # any unreadable file: say which, not a traceback from deep in Composer

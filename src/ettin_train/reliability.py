@@ -328,9 +328,9 @@ def clean_streaming_leftovers() -> list[str]:
         if p.name[:6] not in live_prefixes:
             try:
                 p.unlink()
-                removed.append(str(p))
             except OSError:  # another user's, or gone already
-                pass
+                continue
+            removed.append(str(p))
     return removed
 
 

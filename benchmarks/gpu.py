@@ -35,7 +35,7 @@ import torch
 
 from ettin_train.model import EttinModel, ModelConfig
 from ettin_train.model import ettin as ettin_module
-from ettin_train.model.flops import training_flops
+from ettin_train.speed import batch_flops
 from ettin_train.speed import peak_flops as card_peak_flops
 from ettin_train.objectives import clm, mlm
 
@@ -74,12 +74,6 @@ def hf_inputs(row: Row, batch: dict) -> dict:
         return batch
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # HF shifts them itself
     return {**batch, "labels": labels}
-
-
-def predicted_positions(row: Row, batch: dict) -> int:
-    if row.objective == "mlm":
-        return int((batch["labels"] != -100).sum())
-    return int(batch["attention_mask"].sum()) - row.batch  # the last token of each sequence predicts nothing
 
 
 def optimizer_for(model: torch.nn.Module):
@@ -218,7 +212,7 @@ def measure(name: str, spec: dict, row: Row, device: torch.device, amp: bool, wa
         times.append(time.perf_counter() - t0)
     busy = profile_step(step, device, profile_to, f"{name} {row}") if profile_to else None
     real = int(batch["attention_mask"].sum())
-    flops = training_flops(cfg, batch["attention_mask"].sum(1).tolist(), predicted_positions(row, batch))
+    flops = batch_flops(cfg, batch)  # the progress line's count: real lengths, predicted positions
     median = statistics.median(times)
     peak = card_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     result = dict(

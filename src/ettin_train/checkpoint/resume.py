@@ -8,10 +8,8 @@ them in memory while Composer loads them (its `load_ignore_keys` hook), so local
 
 - parameter-group keys optimi 0.2.1 did not have (`triton`) are filled from this optimizer, and `triton` is always
   this machine's choice (a GPU run's kernels do not carry over to a CPU);
-- `dataset_state.train` None (the original used a map-style loader and saved no position): with a replayed order
-  (`data.order`) the position is the clock's (the order says which rows each step trained on), so the loader seeks
-  to the next step; otherwise it is dropped, and Composer reaches the position by re-reading (spinning) the
-  epoch's first batches.
+- `dataset_state.train` None (the original used a map-style loader and saved no position): the position is the
+  clock's, so the loader (the replayed order, or own data's permutation) seeks straight to the next step.
 
 Optimizer state keyed by parameter index (section 3.5; ours is keyed by name) needs nothing: torch 2.7's
 `set_optimizer_state_dict` passes index-keyed state to `Optimizer.load_state_dict`, which matches by position.
@@ -98,8 +96,8 @@ class CurrentLayout:
     """Composer's `load_ignore_keys` callable: rewrites a checkpoint's state in place into the layout this stack
     reads (see the module docstring); `notes` says what it changed, for the start block."""
 
-    def __init__(self, defaults: dict, data_position=None):
-        # data_position(samples consumed in the epoch) -> the dataset's state dict, for datasets that can seek
+    def __init__(self, defaults: dict, data_position):
+        # data_position(samples consumed in the epoch) -> the dataset's state dict (both loaders can seek)
         self.defaults, self.data_position = defaults, data_position
         self.notes: list[str] = []
 
@@ -109,13 +107,10 @@ class CurrentLayout:
         if opt is not None:
             self._optimizer(opt)
         data = state.get("dataset_state")
-        if isinstance(data, dict) and data.get("train") is None and self.data_position is not None:
+        if isinstance(data, dict) and data.get("train") is None:
             samples = int(state["timestamp"]["Timestamp"]["sample_in_epoch"])
             state["dataset_state"] = dict(data, train=self.data_position(samples))
             self.notes.append(f"no data position in the checkpoint: the loader seeks past its first {samples:,} samples")
-        elif isinstance(data, dict) and data.get("train") is None:
-            del state["dataset_state"]
-            self.notes.append("no data position in the checkpoint: the loader re-reads the epoch's first batches")
 
     def _optimizer(self, opt: dict) -> None:
         added = set()

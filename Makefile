@@ -3,16 +3,27 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ettin-installed
+# uv installs the venv from uv.lock; a uv on PATH is used, else one is bootstrapped with pip.
+UV_BOOT := .tools/uv
+UV     ?= $(shell command -v uv 2>/dev/null || echo $(UV_BOOT)/bin/uv)
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test lock clean-demo
 
 setup: $(STAMP)
 
-# Reinstalled only when the package definition changes; the venv itself is reused.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+$(UV_BOOT)/bin/uv:
+	$(PYTHON) -m pip install --disable-pip-version-check -q --target $(UV_BOOT) 'uv==0.13.9'
+
+# Reinstalled only when the package definition or the lock changes; the venv itself is reused.
+# --locked refuses a uv.lock that no longer matches pyproject.toml (run `make lock`).
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --python $(PYTHON)
 	touch $(STAMP)
+
+# After editing dependencies: re-resolve, and write the same set for plain pip (docs/install.md).
+lock: | $(UV)
+	$(UV) lock --python $(PYTHON)
+	$(UV) export --frozen --extra dev --no-emit-project --no-header -o requirements.lock > /dev/null
 
 demo: setup
 	$(PY) data_tools/demo.py

@@ -42,7 +42,10 @@ from transformers import (
     ModernBertDecoderForCausalLM,
     ModernBertForMaskedLM,
 )
-from transformers.modeling_utils import no_init_weights
+try:  # transformers 5.x
+    from transformers.initialization import no_init_weights
+except ImportError:  # 4.5x
+    from transformers.modeling_utils import no_init_weights
 
 from ettin_train.model.config import ModelConfig
 from ettin_train.model.ettin import EttinModel

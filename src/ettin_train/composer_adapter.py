@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from ettin_train import parallel, speed
 from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
 from ettin_train.checkpoint import resume
+from ettin_train.checkpoint.optimizer_state import OptimizerStateError, ParamLayout, weight_decay_groups
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError, rows_sha256
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
@@ -250,13 +251,10 @@ class MetricsOnlyWandB(WandBLogger):
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> StableAdamW:
-    """StableAdamW with fully decoupled weight decay; no decay for norms and biases (ndim <= 1)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    """StableAdamW with fully decoupled weight decay, in the original's groups: [no decay (norms, biases), decay]."""
     opt = recipe.optimizer
     return StableAdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        weight_decay_groups(model, opt.weight_decay),
         lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, decouple_lr=True,
         # optimi 0.3 picks its Triton kernels whenever Triton is importable, also for CPU tensors.
         triton=None if torch.cuda.is_available() else False,
@@ -295,16 +293,17 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: St
         saved = ckpt["state"].get("optimizers", {}).get("StableAdamW")
         if saved is None:
             sys.exit(f"error: init.checkpoint {file} has no StableAdamW state; set init.load=model to take only the weights")
-        optimizer.load_state_dict(saved)
+        try:  # matched by parameter name (or the original's index order), not by group position
+            matched, _ = ParamLayout.of(model, optimizer).rebuild(saved, keyed="index")
+        except OptimizerStateError as e:
+            sys.exit(f"error: init.checkpoint {file}: {e}")
+        optimizer.load_state_dict(matched)
         opt = recipe.optimizer
-        for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
+        for group, fresh in zip(optimizer.param_groups, weight_decay_groups(model, opt.weight_decay)):
             # torch restores the saved hyperparameters with the moments; the recipe's values win.
             # `max_lr` (the reference for decoupled weight decay) stays as saved, as in the original.
-            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=wd, beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps)
-            for key, value in optimizer.defaults.items():  # keys an older optimi (the original's 0.2.1) did not save
-                group.setdefault(key, value)
-            if not torch.cuda.is_available():
-                group["triton"] = False  # a GPU run's choice of kernels does not carry over to the CPU
+            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=fresh["weight_decay"], beta1=opt.betas[0],
+                         beta2=opt.betas[1], eps=opt.eps)
         taken += " and optimizer moments"
     step = ckpt["state"]["timestamp"]["Timestamp"]["batch"]
     return f"{taken} from {file} (its step {int(step)}); clock, schedule and learning rate start fresh"
@@ -351,7 +350,8 @@ def run(recipe: Recipe) -> None:
             if load_path.startswith("hf://"):
                 load_path = resume.fetch_hub_file(load_path)
             if not resume.is_remote(load_path):
-                load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()})
+                load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()},
+                                                         ParamLayout.of(model, optimizer))
         except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error
             print(f"error: checkpoint.load_path: {e}", file=sys.stderr)
             sys.exit(2)
@@ -405,7 +405,7 @@ def run(recipe: Recipe) -> None:
     callbacks += [exporter] if exporter else []
     # Both loaders (replayed order, own data) seek from a sample count, so a checkpoint without a data position
     # (the original runs') continues at its step without re-reading the epoch.
-    layout = resume.CurrentLayout(optimizer.defaults, data_position=lambda n: dataset.state_dict(n, True))
+    layout = resume.CurrentLayout(ParamLayout.of(model, optimizer), data_position=lambda n: dataset.state_dict(n, True))
     loggers = []
     wandb = recipe.logging.wandb
     if wandb.project and wandb.mode != "disabled":

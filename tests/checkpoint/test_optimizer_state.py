@@ -40,7 +40,7 @@ def _original(recipe, lr: float = 3e-3, steps: int = 3) -> OriginalRun:
 
 
 def _ours(recipe):
-    from ettin_train.composer_adapter import build_optimizer
+    from ettin_train.train.module import build_optimizer
 
     model = EttinModel(recipe.model)
     return model, build_optimizer(model, recipe)
@@ -119,7 +119,7 @@ def test_a_state_without_moments_for_a_parameter_is_refused_naming_it(tmp_path):
 def test_a_phase_start_takes_the_original_moments_by_name(tmp_path):
     """start_phase_from with init.load=model+optimizer on a checkpoint written as the original writes it: every
     parameter's moments are the ones saved for its name; the recipe's hyperparameters win, max_lr stays saved."""
-    from ettin_train.composer_adapter import start_phase_from
+    from ettin_train.checkpoint.phase_start import start_phase_from
 
     recipe = _recipe(tmp_path, init={"checkpoint": str(tmp_path / "ckpt.pt"), "load": "model+optimizer"},
                      optimizer={"lr": 1e-3, "weight_decay": 2e-4})

@@ -22,9 +22,10 @@ from composer.utils import dist, reproducibility
 from optimi import StableAdamW
 from torch.utils.data import DataLoader
 
-from ettin_train import parallel, speed
+from ettin_train import parallel, shims, speed
 from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
-from ettin_train.checkpoint import resume
+from ettin_train.checkpoint import digest, resume
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError, rows_sha256
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
@@ -270,7 +271,13 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: St
         file = find_checkpoint(path)
     except FileNotFoundError as e:
         sys.exit(f"error: init.checkpoint: {e}")
-    ckpt = load_checkpoint(file)
+    problem = digest.check(file, digest=recipe.checkpoint.verify_digest)
+    if problem:
+        sys.exit(f"error: init.checkpoint: {problem}: damaged since it was written")
+    try:
+        ckpt = load_checkpoint(file, trust_pickles=recipe.checkpoint.trust_pickles)
+    except UnsafeCheckpointError as e:
+        sys.exit(f"error: init.checkpoint: {e}")
     weights = model_state_dict(ckpt)
     # The encoder names its prediction head `head.*`, the decoder `lm_head.*` (as the original classes).
     # A cross-objective continuation takes the other objective's weights with the head renamed.
@@ -351,7 +358,8 @@ def run(recipe: Recipe) -> None:
             if load_path.startswith("hf://"):
                 load_path = resume.fetch_hub_file(load_path)
             if not resume.is_remote(load_path):
-                load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()})
+                load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()},
+                                                         recipe.checkpoint.trust_pickles, recipe.checkpoint.verify_digest)
         except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error
             print(f"error: checkpoint.load_path: {e}", file=sys.stderr)
             sys.exit(2)
@@ -413,6 +421,7 @@ def run(recipe: Recipe) -> None:
         os.environ["WANDB_MODE"] = mode
         loggers.append(MetricsOnlyWandB(project=wandb.project, entity=wandb.entity, init_kwargs={"dir": str(run_dir)}))
 
+    shims.install(recipe.checkpoint.trust_pickles)  # Composer's own checkpoint loads and writes: see shims.py
     precision = recipe.train.precision if recipe.train.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
     parallelism = parallel.prepare(recipe.parallel, model, world, "cuda" if on_gpu else "cpu")
     trainer = Trainer(

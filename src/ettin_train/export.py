@@ -117,10 +117,17 @@ def infer_model_config(weights: dict[str, torch.Tensor], *, theta_global: float,
 
 def read_export(path: Path, args: argparse.Namespace) -> Export:
     """Our model of one checkpoint and what it is (phase, clock, tokenizer)."""
-    from ettin_train.checkpoint import load_checkpoint, model_state_dict
+    from ettin_train.checkpoint import digest, load_checkpoint, model_state_dict
+    from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
     from ettin_train.model import EttinModel, ModelConfig
 
-    ckpt = load_checkpoint(path)
+    problem = digest.check(path)  # a file damaged since it was written would export wrong weights silently
+    if problem:
+        raise Refused(f"{problem}: damaged since it was written; not exported")
+    try:
+        ckpt = load_checkpoint(path, trust_pickles=args.trust_pickles)
+    except UnsafeCheckpointError as e:
+        raise Refused(str(e)) from None
     state = ckpt["state"]
     weights = model_state_dict(ckpt)
     flag_phase = PHASE_FLAG[args.phase] if args.phase else None
@@ -420,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phase of checkpoints without RunMetadata (tags step{N}, ext{N}, decay{N})")
     p.add_argument("--tokenizer", help="tokenizer folder or Hub name to copy into the export (default: the checkpoint's)")
     p.add_argument("--push", metavar="REMOTE", help="git push REMOTE main --tags afterwards")
+    p.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle checkpoints whole, also types a Composer checkpoint does not hold (only for files you trust)")
     p.add_argument("--rope-theta-global", type=float, default=None,
                    help="without RunMetadata: global RoPE theta (default: 10000 pretrain, 160000 ext/decay)")
     p.add_argument("--rope-theta-local", type=float, default=None,

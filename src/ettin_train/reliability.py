@@ -1,10 +1,10 @@
 """Crash-safe checkpoints, the non-finite loss guard, the loss-spike monitor and streaming's leftovers.
 
 A checkpoint is written as `ep*-ba*-rank0.partial.pt`, flushed to disk, renamed to `NAME` and then marked complete
-by `NAME.complete` (its size and step); only then does `latest-rank0.pt` move to it, by an atomic
+by `NAME.complete` (its size, step and sha256); only then does `latest-rank0.pt` move to it, by an atomic
 symlink swap. `prepare_resume` runs before every start: it points `latest-rank0.pt` at the newest
 checkpoint whose marker matches, and moves anything newer out of the way (`.partial` files are
-deleted, unmarked ones renamed `.incomplete`), so a run killed at any moment resumes from the last
+deleted, unmarked ones renamed `.incomplete`, damaged ones `.damaged`), so a run killed at any moment resumes from the last
 complete checkpoint. See docs/reliability.md.
 
 Like composer_adapter.py, this module is on Composer's side of the line: it subclasses Composer's
@@ -14,12 +14,12 @@ saver and callbacks. The checks that need no trainer are in preflight.py.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,19 +29,25 @@ from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist
 
-MARKER = ".complete"
+from ettin_train import shims
+from ettin_train.checkpoint import digest
+from ettin_train.checkpoint.digest import MARKER
+
 _CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
-# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[,...]", e.g. "write@4" (die half-way through
-# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9".
+# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[/rank<R>][,...]", e.g. "write@4" (die half-way through
+# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9";
+# "/rank1" limits it to that process (one rank lost).
 FAULT_ENV = "ETTIN_FAULT"
 
 
 def _fault(point: str, step: int) -> bool:
-    return f"{point}@{step}" in os.environ.get(FAULT_ENV, "").split(",")
+    faults = os.environ.get(FAULT_ENV, "").split(",")
+    return f"{point}@{step}" in faults or f"{point}@{step}/rank{os.environ.get('RANK', '0')}" in faults
 
 
 def _die_if(point: str, step: int) -> None:
     if _fault(point, step):
+        print(f"fault: SIGKILL of rank {os.environ.get('RANK', '0')} at {point}@{step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -57,37 +63,40 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return int(params * 3 * 1.05)
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints in `folder` whose marker exists and names their size, oldest first."""
-    found = []
-    for f in folder.glob("ep*-ba*-rank0.pt"):
-        m, marker = _CHECKPOINT.match(f.name), f.with_name(f.name + MARKER)
-        if m and marker.is_file() and f.is_file():
-            try:
-                ok = json.loads(marker.read_text()).get("bytes") == f.stat().st_size
-            except (ValueError, OSError):
-                ok = False
-            if ok:
-                found.append((int(m.group(2)), f))
+def marked_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder` that have a completion marker, oldest first."""
+    found = [(int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt")
+             if (m := _CHECKPOINT.match(f.name)) and f.is_file() and digest.read_marker(f) is not None]
     return [f for _, f in sorted(found)]
 
 
-def prepare_resume(folder: Path) -> Path | None:
+def prepare_resume(folder: Path, verify_digest: bool = True) -> Path | None:
     """Rank 0, before the Trainer is built: make `latest-rank0.pt` name the newest complete checkpoint
-    and move newer, incomplete files aside. A folder without any marker (a run from before markers, or
-    the original Ettin checkpoints) is left as it is. Returns the checkpoint a resume will load."""
+    and move newer, incomplete files aside. The newest marked checkpoint is checked against its marker (size and
+    sha256; the size only with `verify_digest` false); one that no longer matches was damaged after it was
+    written: it is renamed `.damaged` (never deleted), said so, and the one before it is checked instead. A folder
+    without any marker (a run from before markers, or the original Ettin checkpoints) is left as it is. Returns
+    the checkpoint a resume will load."""
     if not folder.is_dir():
         return None
     for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
         partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
-    complete = complete_checkpoints(folder)
-    if not complete and not list(folder.glob(f"*{MARKER}")):
+    marked = marked_checkpoints(folder)
+    if not marked and not list(folder.glob(f"*{MARKER}")):
         latest = folder / "latest-rank0.pt"
         return latest if latest.exists() else None
-    newest = complete[-1] if complete else None
+    newest = None
+    for f in reversed(marked):
+        problem = digest.check(f, digest=verify_digest)
+        if problem is None:
+            newest = f
+            break
+        aside = digest.set_aside(f)
+        print(f"warning: checkpoint {f.name} is damaged ({problem}); set aside as {aside.name}, "
+              "resuming from the checkpoint before it", file=sys.stderr, flush=True)
     newest_step = int(_CHECKPOINT.match(newest.name).group(2)) if newest else -1
     for f in folder.glob("ep*-ba*-rank0.pt"):
-        if f not in complete and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
+        if f not in marked and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
             f.rename(f.with_name(f.name + ".incomplete"))  # kept for inspection; Composer would refuse it
     latest = folder / "latest-rank0.pt"
     if newest is None:
@@ -158,12 +167,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         os.replace(partial, final)
         _fsync(os.path.dirname(final), directory=True)
         _die_if("rename", step)
-        marker = final + MARKER
-        with open(marker + ".partial", "w") as f:
-            json.dump({"step": step, "bytes": os.path.getsize(final)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(marker + ".partial", marker)
+        # the sha256 of the bytes as they were written (shims.digest_checkpoint_writes), else read back once
+        digest.write_marker(final, step, shims.written_digest(partial) or digest.file_sha256(final))
         _die_if("marker", step)
         _atomic_symlink(os.path.basename(final), Path(self.latest_filename.format(state)))
         _fsync(os.path.dirname(final), directory=True)

@@ -113,6 +113,14 @@ class CheckpointConfig:
     # and data position, at the next batch (init.checkpoint instead starts a new phase). Autoresume wins once
     # this run has checkpoints of its own.
     load_path: Optional[str] = None
+    # Checkpoints are opened weights-only: tensors, plain values and the few types Composer writes (timestamps,
+    # numpy's RNG state); a pickle needing anything else is refused, since it could run code. true: unpickle
+    # everything, for a file you trust (checkpoint/safe_load.py).
+    trust_pickles: bool = False
+    # Before resuming, check the newest checkpoint against the sha256 its marker recorded (a damaged one is set
+    # aside and the one before it used). false: check only its size, for huge checkpoints on slow disks, where
+    # reading every byte once more at each start costs minutes.
+    verify_digest: bool = True
 
 
 @dataclass

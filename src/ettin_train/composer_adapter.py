@@ -322,7 +322,7 @@ def run(recipe: Recipe) -> None:
     device = DeviceGPU() if on_gpu else DeviceCPU()
     # Distributed must be up before streaming builds its dataset (streaming starts its own process group).
     parallel.adopt_torchrun_env()
-    dist.initialize_dist(device)
+    dist.initialize_dist(device, timeout=recipe.parallel.timeout_s)
     world = dist.get_world_size()
     if recipe.train.global_batch % world and not recipe.data.order:
         sys.exit(f"error: train.global_batch {recipe.train.global_batch} is not divisible by the world size {world}")
@@ -447,6 +447,7 @@ def run(recipe: Recipe) -> None:
         progress_bar=False,
         log_to_console=False,
         parallelism_config=parallelism,
+        dist_timeout=recipe.parallel.timeout_s,
     )
     if dist.get_global_rank() == 0 and (resuming or load_path or recipe.init.checkpoint):
         print(_start_block(recipe, trainer, resuming or bool(load_path), layout.notes), flush=True)
@@ -454,12 +455,22 @@ def run(recipe: Recipe) -> None:
     if exporter:
         exporter.take_over(trainer)
     parallel.after_wrap(model)
+    lost = None
     try:
         trainer.fit()
     except StopRun as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        latest = save_folder / "latest-rank0.pt"
+        lost = parallel.lost_process(e, dist.get_global_rank(), os.path.realpath(latest) if latest.exists() else None)
+        if lost is None:
+            raise
     finally:
-        trainer.close()
+        if lost is None:  # with a process gone, close()'s barrier would fail (or wait parallel.timeout_s) again
+            trainer.close()
+    if lost:
+        print(f"error: {lost}", file=sys.stderr, flush=True)  # at once: the launcher's SIGTERM may follow
+        sys.exit(1)
     if dist.get_global_rank() == 0:
         print(f"[{recipe.run_name}] done at step {trainer.state.timestamp.batch.value}; checkpoints in {save_folder}", flush=True)
 

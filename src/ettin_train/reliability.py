@@ -36,7 +36,8 @@ from ettin_train.checkpoint.digest import MARKER
 _CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 # Fault injection for the tests: ETTIN_FAULT="<point>@<step>[/rank<R>][,...]", e.g. "write@4" (die half-way through
 # writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9";
-# "/rank1" limits it to that process (one rank lost).
+# "hang@5" (SIGSTOP after step 5's backward: a process that hangs instead of exiting); "/rank1" limits a fault to
+# that process (one rank lost).
 FAULT_ENV = "ETTIN_FAULT"
 
 
@@ -302,13 +303,16 @@ def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
 
 
 def fault_kills_in_training() -> Callback | None:
-    """The test hook `ETTIN_FAULT=backward@N`: SIGKILL after step N's backward, before its optimizer step."""
-    if "backward@" not in os.environ.get(FAULT_ENV, ""):
+    """The test hooks `ETTIN_FAULT=backward@N` and `hang@N`: SIGKILL or SIGSTOP after step N's backward, before
+    its optimizer step."""
+    if "backward@" not in os.environ.get(FAULT_ENV, "") and "hang@" not in os.environ.get(FAULT_ENV, ""):
         return None
 
     class _Kill(Callback):
         def after_backward(self, state: State, logger: Logger) -> None:
             _die_if("backward", state.timestamp.batch.value + 1)
+            if _fault("hang", state.timestamp.batch.value + 1):
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     return _Kill()
 

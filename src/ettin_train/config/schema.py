@@ -202,6 +202,11 @@ class ParallelConfig:
     # reads fastest). sharded (FSDP strategies only): a torch.distributed.checkpoint folder ep{E}-ba{B}/
     # that every rank writes its part of, reloadable on another number of processes.
     checkpoint_format: Literal["full", "sharded"] = "full"
+    # How long a process waits in a collective (an all-reduce, a barrier) for the others before it gives up: what
+    # bounds the end of a run that lost a process which hangs instead of exiting (a frozen node); one that exits
+    # is noticed at once (docs/reliability.md). It must exceed the longest wait of a healthy run: the other ranks
+    # wait while rank 0 writes a checkpoint. Composer's default.
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_format == "sharded" and self.strategy == "ddp":

@@ -14,7 +14,7 @@ import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.export import main as export_main
-from ettin_train.reliability import prepare_resume
+from ettin_train.checkpoint.run_folder import prepare_resume
 from tests.conftest import tiny_recipe, write_recipe
 from tests.fork_runner import Runner
 

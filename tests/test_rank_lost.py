@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
-from tests.conftest import ROOT, tiny_recipe, write_recipe
-from tests.test_parallel import _free_port
+from tests.conftest import ROOT, free_port, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ def launch(recipe: Path, log: Path, *overrides: str, fault: str = "") -> dict:
     the output, and how long the run took to end after rank 1 died or froze (None if it never did)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ETTIN_FAULT=fault)
     with open(log, "w") as out:
-        proc = subprocess.Popen([COMPOSER, "-n", "2", "--master_port", str(_free_port()), str(ROOT / "train.py"),
+        proc = subprocess.Popen([COMPOSER, "-n", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
                                  str(recipe), *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         rank1, lost_at = None, None
         while proc.poll() is None:

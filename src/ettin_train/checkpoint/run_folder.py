@@ -1,0 +1,89 @@
+"""A run's checkpoint folder as the atomic saver (train/reliability.py) leaves it, read and repaired
+without Composer.
+
+A checkpoint is written as `ep*-ba*-rank0.partial.pt`, flushed to disk, renamed to `NAME` and then marked complete
+by `NAME.complete` (its size, step and sha256: checkpoint/digest.py); only then does `latest-rank0.pt` move to it, by an atomic
+symlink swap. `prepare_resume` runs before every start (preflight.py): it points `latest-rank0.pt` at the
+newest checkpoint whose marker matches, and moves anything newer out of the way (`.partial` files are
+deleted, unmarked ones renamed `.incomplete`, damaged ones `.damaged`), so a run killed at any moment resumes from the last
+complete checkpoint. See docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ettin_train.checkpoint import digest
+from ettin_train.checkpoint.digest import MARKER
+
+_CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """What one checkpoint takes on disk: the weights and Adam's two moments, plus 5% for the rest."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(params * 3 * 1.05)
+
+
+def marked_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder` that have a completion marker, oldest first."""
+    found = [(int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt")
+             if (m := _CHECKPOINT.match(f.name)) and f.is_file() and digest.read_marker(f) is not None]
+    return [f for _, f in sorted(found)]
+
+
+def prepare_resume(folder: Path, verify_digest: bool = True) -> Path | None:
+    """Rank 0, before the Trainer is built: make `latest-rank0.pt` name the newest complete checkpoint
+    and move newer, incomplete files aside. The newest marked checkpoint is checked against its marker (size and
+    sha256; the size only with `verify_digest` false); one that no longer matches was damaged after it was
+    written: it is renamed `.damaged` (never deleted), said so, and the one before it is checked instead. A folder
+    without any marker (a run from before markers, or the original Ettin checkpoints) is left as it is. Returns
+    the checkpoint a resume will load."""
+    if not folder.is_dir():
+        return None
+    for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
+        partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
+    marked = marked_checkpoints(folder)
+    if not marked and not list(folder.glob(f"*{MARKER}")):
+        latest = folder / "latest-rank0.pt"
+        return latest if latest.exists() else None
+    newest = None
+    for f in reversed(marked):
+        problem = digest.check(f, digest=verify_digest)
+        if problem is None:
+            newest = f
+            break
+        aside = digest.set_aside(f)
+        print(f"warning: checkpoint {f.name} is damaged ({problem}); set aside as {aside.name}, "
+              "resuming from the checkpoint before it", file=sys.stderr, flush=True)
+    newest_step = int(_CHECKPOINT.match(newest.name).group(2)) if newest else -1
+    for f in folder.glob("ep*-ba*-rank0.pt"):
+        if f not in marked and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
+            f.rename(f.with_name(f.name + ".incomplete"))  # kept for inspection; Composer would refuse it
+    latest = folder / "latest-rank0.pt"
+    if newest is None:
+        latest.unlink(missing_ok=True)
+    elif not latest.is_symlink() or Path(os.readlink(latest)).name != newest.name:
+        atomic_symlink(newest.name, latest)
+    return newest
+
+
+def atomic_symlink(target: str, link: Path) -> None:
+    """Point `link` at `target` in one rename: a reader sees the old target or the new one, never none."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,6 +4,9 @@ no longer needed is noticed)."""
 
 from __future__ import annotations
 
+import builtins
+import datetime
+import hashlib
 import os
 import subprocess
 import sys
@@ -144,3 +147,51 @@ def test_rng_is_restored_on_a_mid_epoch_resume(tmp_path):
     without = _train(tmp_path, "plain", checkpoint, restore=False)
     assert all(torch.equal(whole[k], with_shim[k]) for k in whole)
     assert not all(torch.equal(whole[k], without[k]) for k in whole)  # Composer alone does not restore it
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def test_composers_checkpoint_load_refuses_a_code_running_pickle(tmp_path):
+    """safe_torch_load is what Composer's autoresume and load_path call (composer.utils.checkpoint._restore_checkpoint):
+    through route_checkpoint_loads it opens weights-only, refusing a pickle that would run code."""
+    from composer.utils import checkpoint as composer_checkpoint
+
+    from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
+    from ettin_train.train.shims import route_checkpoint_loads
+
+    marker = tmp_path / "ran"
+    torch.save({"state": {"model": {"w": torch.ones(2)}, "callbacks": {"X": _RunsCode(marker)}}}, tmp_path / "evil.pt")
+    plain = {"state": {"model": {"w": torch.arange(3.0)}, "timestamp": {"Timestamp": {"total_wct": datetime.timedelta(seconds=3)}}}}
+    torch.save(plain, tmp_path / "plain.pt")
+    route_checkpoint_loads(trust_pickles=False)
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt.*builtins\.exec"):
+        composer_checkpoint.safe_torch_load(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    loaded = composer_checkpoint.safe_torch_load(str(tmp_path / "plain.pt"))
+    assert torch.equal(loaded["state"]["model"]["w"], plain["state"]["model"]["w"])
+    route_checkpoint_loads(trust_pickles=True)  # checkpoint.trust_pickles: true
+    composer_checkpoint.safe_torch_load(str(tmp_path / "evil.pt"))
+    assert marker.read_text() == "ran"
+    route_checkpoint_loads(trust_pickles=False)
+
+
+def test_composers_checkpoint_write_records_the_files_sha256(tmp_path):
+    """digest_checkpoint_writes: Composer's own write of a checkpoint file, and the sha256 of exactly its bytes."""
+    from composer.utils import checkpoint as composer_checkpoint
+
+    from ettin_train.train.shims import digest_checkpoint_writes, written_digest
+
+    digest_checkpoint_writes()
+    path = str(tmp_path / "ep0-ba1-rank0.partial.pt")
+    state = {"state": {"model": {"w": torch.randn(256, 256)}}, "rng": [{"python": (3, (1, 2), None)}]}
+    composer_checkpoint._write_checkpoint_file(state, path)
+    with open(path, "rb") as f:
+        assert written_digest(path) == hashlib.sha256(f.read()).hexdigest()
+    assert written_digest(path) is None  # taken once
+    assert torch.equal(torch.load(path, weights_only=True)["state"]["model"]["w"], state["state"]["model"]["w"])

@@ -8,8 +8,10 @@ import sys
 
 import torch
 
+from ettin_train.checkpoint import digest
 from ettin_train.checkpoint.composer_format import find_checkpoint, load_checkpoint, model_state_dict
 from ettin_train.checkpoint.optimizer_state import OptimizerStateError, ParamLayout, weight_decay_groups
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
 from ettin_train.config import Recipe
 from ettin_train.model import EttinModel
 
@@ -22,7 +24,13 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: to
         file = find_checkpoint(path)
     except FileNotFoundError as e:
         sys.exit(f"error: init.checkpoint: {e}")
-    ckpt = load_checkpoint(file)
+    problem = digest.check(file, digest=recipe.checkpoint.verify_digest)
+    if problem:
+        sys.exit(f"error: init.checkpoint: {problem}: damaged since it was written")
+    try:
+        ckpt = load_checkpoint(file, trust_pickles=recipe.checkpoint.trust_pickles)
+    except UnsafeCheckpointError as e:
+        sys.exit(f"error: init.checkpoint: {e}")
     weights = model_state_dict(ckpt)
     # The encoder names its prediction head `head.*`, the decoder `lm_head.*` (as the original classes).
     # A cross-objective continuation takes the other objective's weights with the head renamed.

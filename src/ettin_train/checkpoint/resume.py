@@ -17,10 +17,10 @@ Nothing here imports Composer.
 
 from __future__ import annotations
 
-import torch
-
+from ettin_train.checkpoint import digest
 from ettin_train.checkpoint.composer_format import find_checkpoint
 from ettin_train.checkpoint.optimizer_state import ParamLayout
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 
 # What Composer 0.32.1's load_path downloads: its object stores by URI, and plain HTTP(S) (a Hub file's resolve URL).
 REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "http", "https")
@@ -63,20 +63,24 @@ def is_remote(path: str) -> bool:
     return True
 
 
-def check_full_checkpoint(path: str, model_keys: set[str], layout: ParamLayout) -> str:
+def check_full_checkpoint(path: str, model_keys: set[str], layout: ParamLayout, trust_pickles: bool = False,
+                          verify_digest: bool = True) -> str:
     """The local checkpoint file `path` names (a file, or a run folder's newest), after checking that it holds a
     whole training state for this model, with moments for each of `layout`'s parameters. Raises ValueError with a
-    one-line reason."""
+    one-line reason (UnsafeCheckpointError for a pickle that needs types a checkpoint does not hold)."""
     try:
         file = find_checkpoint(path)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
+    damage = digest.check(file, digest=verify_digest)  # a file with a marker: as it was written?
+    if damage:
+        raise ValueError(f"{damage}: damaged since it was written")
     try:  # mmap: only the keys are read here, however large the file
-        ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        ckpt = safe_load(file, trust_pickles=trust_pickles, mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
-        raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
     state = ckpt.get("state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{file} is not a Composer checkpoint (no state.model)")

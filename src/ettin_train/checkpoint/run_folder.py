@@ -2,10 +2,10 @@
 without Composer.
 
 A checkpoint is written as `ep*-ba*-rank0.partial.pt`, flushed to disk, renamed to `NAME` and then marked complete
-by `NAME.complete` (its size and step); only then does `latest-rank0.pt` move to it, by an atomic
+by `NAME.complete` (its size, step and sha256: checkpoint/digest.py); only then does `latest-rank0.pt` move to it, by an atomic
 symlink swap. `prepare_resume` runs before every start (preflight.py): it points `latest-rank0.pt` at the
 newest checkpoint whose marker matches, and moves anything newer out of the way (`.partial` files are
-deleted, unmarked ones renamed `.incomplete`), so a run killed at any moment resumes from the last
+deleted, unmarked ones renamed `.incomplete`, damaged ones `.damaged`), so a run killed at any moment resumes from the last
 complete checkpoint. See docs/reliability.md.
 
 `finished_run` says whether the checkpoint autoresume would load has reached the recipe's `train.max_duration`: a
@@ -16,18 +16,20 @@ max_duration grew is not finished and continues. Nothing here imports Composer.
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ettin_train.checkpoint import digest
 from ettin_train.checkpoint.composer_format import LATEST, is_sharded, load_checkpoint
+from ettin_train.checkpoint.digest import MARKER
+from ettin_train.checkpoint.safe_load import safe_load
 from ettin_train.config import Duration, Recipe
 
-MARKER = ".complete"
 _CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 
 
@@ -37,37 +39,40 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return int(params * 3 * 1.05)
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints in `folder` whose marker exists and names their size, oldest first."""
-    found = []
-    for f in folder.glob("ep*-ba*-rank0.pt"):
-        m, marker = _CHECKPOINT.match(f.name), f.with_name(f.name + MARKER)
-        if m and marker.is_file() and f.is_file():
-            try:
-                ok = json.loads(marker.read_text()).get("bytes") == f.stat().st_size
-            except (ValueError, OSError):
-                ok = False
-            if ok:
-                found.append((int(m.group(2)), f))
+def marked_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in `folder` that have a completion marker, oldest first."""
+    found = [(int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt")
+             if (m := _CHECKPOINT.match(f.name)) and f.is_file() and digest.read_marker(f) is not None]
     return [f for _, f in sorted(found)]
 
 
-def prepare_resume(folder: Path) -> Path | None:
+def prepare_resume(folder: Path, verify_digest: bool = True) -> Path | None:
     """Rank 0, before the Trainer is built: make `latest-rank0.pt` name the newest complete checkpoint
-    and move newer, incomplete files aside. A folder without any marker (a run from before markers, or
-    the original Ettin checkpoints) is left as it is. Returns the checkpoint a resume will load."""
+    and move newer, incomplete files aside. The newest marked checkpoint is checked against its marker (size and
+    sha256; the size only with `verify_digest` false); one that no longer matches was damaged after it was
+    written: it is renamed `.damaged` (never deleted), said so, and the one before it is checked instead. A folder
+    without any marker (a run from before markers, or the original Ettin checkpoints) is left as it is. Returns
+    the checkpoint a resume will load."""
     if not folder.is_dir():
         return None
     for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
         partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
-    complete = complete_checkpoints(folder)
-    if not complete and not list(folder.glob(f"*{MARKER}")):
+    marked = marked_checkpoints(folder)
+    if not marked and not list(folder.glob(f"*{MARKER}")):
         latest = folder / "latest-rank0.pt"
         return latest if latest.exists() else None
-    newest = complete[-1] if complete else None
+    newest = None
+    for f in reversed(marked):
+        problem = digest.check(f, digest=verify_digest)
+        if problem is None:
+            newest = f
+            break
+        aside = digest.set_aside(f)
+        print(f"warning: checkpoint {f.name} is damaged ({problem}); set aside as {aside.name}, "
+              "resuming from the checkpoint before it", file=sys.stderr, flush=True)
     newest_step = int(_CHECKPOINT.match(newest.name).group(2)) if newest else -1
     for f in folder.glob("ep*-ba*-rank0.pt"):
-        if f not in complete and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
+        if f not in marked and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
             f.rename(f.with_name(f.name + ".incomplete"))  # kept for inspection; Composer would refuse it
     latest = folder / "latest-rank0.pt"
     if newest is None:
@@ -110,12 +115,12 @@ class Finished:
                 "train.max_duration to continue it.")
 
 
-def read_clock(path: Path) -> dict[str, int]:
+def read_clock(path: Path, trust_pickles: bool = False) -> dict[str, int]:
     """The Timestamp of a checkpoint, without reading its tensors (a file is memory-mapped)."""
     if is_sharded(path):
         state = load_checkpoint(path)["state"]
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state"]
+        state = safe_load(path, trust_pickles=trust_pickles, mmap=True)["state"]
     return {k: int(getattr(v, "value", v)) for k, v in state["timestamp"]["Timestamp"].items() if k in ("batch", "token")}
 
 
@@ -126,10 +131,12 @@ def finished_run(recipe: Recipe) -> Finished | None:
         return None
     target = latest.parent / os.readlink(latest) if latest.is_symlink() else latest
     try:
-        clock = read_clock(target)
+        clock = read_clock(target, recipe.checkpoint.trust_pickles)
     except Exception:  # noqa: BLE001 - unreadable (a crash mid-write): the trainer's preflight repairs and reports it
         return None
     total, unit = Duration.parse(recipe.train.max_duration)
     if clock[CLOCK[unit]] < total:
+        return None
+    if digest.check(target, digest=recipe.checkpoint.verify_digest):  # damaged: the trainer sets it aside, resumes
         return None
     return Finished(recipe.run_name, clock["batch"], clock["token"], recipe.train.max_duration, target)

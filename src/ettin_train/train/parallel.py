@@ -75,6 +75,21 @@ def after_wrap(model: EttinModel) -> None:
             register_fsdp_forward_method(model, method)
 
 
+# What a collective raises when another process of the run is gone: gloo's transport errors (the peer's socket
+# closed because it died, or a timeout because it hangs) and torch.distributed's error classes (NCCL).
+_LOST = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_process(error: BaseException, rank: int, last_checkpoint: str | None) -> str | None:
+    """One line for a collective that failed because another process of the run is gone (killed, or hung past
+    parallel.timeout_s), else None (an error of another kind, to be raised as it is)."""
+    if not (isinstance(error, tdist.DistError) or any(s in str(error) for s in _LOST)):
+        return None
+    first = str(error).strip().splitlines()[0][:200]
+    return (f"rank {rank} lost another process of this run ({first}); the launcher names the one that ended first. "
+            f"Last complete checkpoint: {last_checkpoint or 'none'}; run the same command to resume from it")
+
+
 def describe(cfg: ParallelConfig, world: int) -> str:
     """For the start line: how the model is spread."""
     extras = [name for name, on in (("activation checkpointing", cfg.activation_checkpointing),

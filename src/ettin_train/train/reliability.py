@@ -7,11 +7,11 @@ checkpoint/run_folder.py (which needs no Composer); see docs/reliability.md.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -20,20 +20,26 @@ from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist
 
+from ettin_train.checkpoint.digest import file_sha256, write_marker
 from ettin_train.checkpoint.run_folder import MARKER, atomic_symlink, checkpoint_bytes, fsync
+from ettin_train.train import shims
 from ettin_train.train.module import composer_time
 
-# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[,...]", e.g. "write@4" (die half-way through
-# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9".
+# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[/rank<R>][,...]", e.g. "write@4" (die half-way through
+# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9";
+# "hang@5" (SIGSTOP after step 5's backward: a process that hangs instead of exiting); "/rank1" limits a fault to
+# that process (one rank lost).
 FAULT_ENV = "ETTIN_FAULT"
 
 
 def _fault(point: str, step: int) -> bool:
-    return f"{point}@{step}" in os.environ.get(FAULT_ENV, "").split(",")
+    faults = os.environ.get(FAULT_ENV, "").split(",")
+    return f"{point}@{step}" in faults or f"{point}@{step}/rank{os.environ.get('RANK', '0')}" in faults
 
 
 def _die_if(point: str, step: int) -> None:
     if _fault(point, step):
+        print(f"fault: SIGKILL of rank {os.environ.get('RANK', '0')} at {point}@{step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -89,12 +95,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         os.replace(partial, final)
         fsync(os.path.dirname(final), directory=True)
         _die_if("rename", step)
-        marker = final + MARKER
-        with open(marker + ".partial", "w") as f:
-            json.dump({"step": step, "bytes": os.path.getsize(final)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(marker + ".partial", marker)
+        # the sha256 of the bytes as they were written (shims.digest_checkpoint_writes), else read back once
+        write_marker(final, step, shims.written_digest(partial) or file_sha256(final))
         _die_if("marker", step)
         atomic_symlink(os.path.basename(final), Path(self.latest_filename.format(state)))
         fsync(os.path.dirname(final), directory=True)
@@ -226,12 +228,15 @@ def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
 
 
 def fault_kills_in_training() -> Callback | None:
-    """The test hook `ETTIN_FAULT=backward@N`: SIGKILL after step N's backward, before its optimizer step."""
-    if "backward@" not in os.environ.get(FAULT_ENV, ""):
+    """The test hooks `ETTIN_FAULT=backward@N` and `hang@N`: SIGKILL or SIGSTOP after step N's backward, before
+    its optimizer step."""
+    if "backward@" not in os.environ.get(FAULT_ENV, "") and "hang@" not in os.environ.get(FAULT_ENV, ""):
         return None
 
     class _Kill(Callback):
         def after_backward(self, state: State, logger: Logger) -> None:
             _die_if("backward", state.timestamp.batch.value + 1)
+            if _fault("hang", state.timestamp.batch.value + 1):
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     return _Kill()

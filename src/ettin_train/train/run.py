@@ -35,7 +35,8 @@ from ettin_train.train import parallel
 from ettin_train.train.callbacks import DataStepCheck, ExportCheckpoints, Ledger, Progress, RunMetadata, StopAfter
 from ettin_train.train.module import EttinComposerModel, LRSchedule, build_optimizer, composer_time
 from ettin_train.train.reliability import StopRun, reliability_callbacks
-from ettin_train.train.shims import MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env
+from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, digest_checkpoint_writes,
+                                     route_checkpoint_loads)
 
 
 def run(recipe: Recipe) -> None:
@@ -67,6 +68,8 @@ def run(recipe: Recipe) -> None:
     layout = resume.CurrentLayout(ParamLayout.of(model, optimizer), data_position=lambda n: dataset.state_dict(n, True))
     loggers = _loggers(recipe, run_dir)
     parallelism = parallel.prepare(recipe.parallel, model, world, "cuda" if on_gpu else "cpu")
+    route_checkpoint_loads(recipe.checkpoint.trust_pickles)  # Composer's own loads (autoresume, load_path)
+    digest_checkpoint_writes()  # the saver's marker gets the sha256 of the bytes as written
     trainer = Trainer(
         model=EttinComposerModel(model, objective),
         # The token clock counts real tokens only (the original's count_padding_tokens: false).
@@ -91,6 +94,7 @@ def run(recipe: Recipe) -> None:
         progress_bar=False,
         log_to_console=False,
         parallelism_config=parallelism,
+        dist_timeout=recipe.parallel.timeout_s,
     )
     if dist.get_global_rank() == 0 and start.from_checkpoint:
         print(_start_block(recipe, trainer, start.full_resume, layout.notes), flush=True)
@@ -98,12 +102,22 @@ def run(recipe: Recipe) -> None:
     if exporter:
         exporter.take_over(trainer)
     parallel.after_wrap(model)
+    lost = None
     try:
         trainer.fit()
     except StopRun as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        latest = save_folder / "latest-rank0.pt"
+        lost = parallel.lost_process(e, dist.get_global_rank(), os.path.realpath(latest) if latest.exists() else None)
+        if lost is None:
+            raise
     finally:
-        trainer.close()
+        if lost is None:  # with a process gone, close()'s barrier would fail (or wait parallel.timeout_s) again
+            trainer.close()
+    if lost:
+        print(f"error: {lost}", file=sys.stderr, flush=True)  # at once: the launcher's SIGTERM may follow
+        sys.exit(1)
     if dist.get_global_rank() == 0:
         print(f"[{recipe.run_name}] done at step {trainer.state.timestamp.batch.value}; checkpoints in {save_folder}", flush=True)
 
@@ -114,7 +128,7 @@ def _start_processes(recipe: Recipe) -> tuple[DeviceCPU | DeviceGPU, int]:
     device = DeviceGPU() if on_gpu else DeviceCPU()
     # Distributed must be up before streaming builds its dataset (streaming starts its own process group).
     adopt_torchrun_env()
-    dist.initialize_dist(device)
+    dist.initialize_dist(device, timeout=recipe.parallel.timeout_s)
     world = dist.get_world_size()
     if recipe.train.global_batch % world and not recipe.data.order:
         sys.exit(f"error: train.global_batch {recipe.train.global_batch} is not divisible by the world size {world}")
@@ -159,7 +173,8 @@ def _starting_point(recipe: Recipe, model: EttinModel, optimizer, save_folder: P
                 load_path = resume.fetch_hub_file(load_path)
             if not resume.is_remote(load_path):
                 load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()},
-                                                         ParamLayout.of(model, optimizer))
+                                                         ParamLayout.of(model, optimizer),
+                                                         recipe.checkpoint.trust_pickles, recipe.checkpoint.verify_digest)
         except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error
             print(f"error: checkpoint.load_path: {e}", file=sys.stderr)
             sys.exit(2)

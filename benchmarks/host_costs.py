@@ -42,7 +42,7 @@ def make_batch(rows: int, seq: int, seed: int = 0) -> dict:
 
 
 def before_step(batch: dict, cfg: ModelConfig, gather) -> None:
-    """The code this replaces (composer_adapter.Ledger.batch_end and speed.batch_flops as of 2026-11-28)."""
+    """The code this replaces (the Ledger callback's batch_end and speed.batch_flops as of 2026-11-28)."""
     ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
     labels = batch["labels"]
     original = torch.where(labels.cpu() != -100, labels.cpu(), ids)

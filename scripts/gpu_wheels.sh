@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.whl
 mkdir -p "$out"
-# What `import ettin_train.composer_adapter` and a train.py run load that the GPU image does not hold.
+# What `import ettin_train.train` and a train.py run load that the GPU image does not hold.
 names="mosaicml mosaicml-cli mosaicml-streaming torch-optimi omegaconf coolname catalogue dill backoff gql
 graphql-core importlib-metadata paramiko bcrypt pynacl cryptography cffi pycparser prompt-toolkit questionary
 wcwidth python-snappy cramjam ruamel-yaml truststore validators websockets zstd brotli httpx2 httpcore2"

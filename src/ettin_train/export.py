@@ -241,7 +241,7 @@ def stage(ex: Export, folder: Path) -> tuple[str, float]:
                  ettin_objective=ex.objective)
     if patch:
         extra["ettin_note"] = DECODER_NOTE
-    hf_model = to_hf(ex.model, patch_local_rope=patch, **ids, **extra)
+    hf_model = to_hf(ex.model, **ids, **extra)
     hf_model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -16,7 +16,7 @@ import torch
 from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
-from ettin_train.checkpoint.hf import from_hf, patch_decoder_local_rope, to_hf
+from ettin_train.checkpoint.hf import from_hf, patch_decoder_local_rope, rope_thetas, to_hf
 from ettin_train.import_hf import main as import_main
 from ettin_train.model import SIZES, EttinModel, ModelConfig
 
@@ -76,10 +76,9 @@ def max_diff(model: EttinModel, hf_model, ids, mask, positions=None) -> float:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers_and_round_trip(name, causal):
     model = make_model(name, causal)
-    hf_model = to_hf(model, patch_local_rope=True, **IDS)
+    hf_model = to_hf(model, **IDS)
     assert isinstance(hf_model, ModernBertDecoderForCausalLM if causal else ModernBertForMaskedLM)
-    assert hf_model.config.global_rope_theta == model.config.rope_theta_global
-    assert hf_model.config.local_rope_theta == model.config.local_theta
+    assert rope_thetas(hf_model.config) == (model.config.rope_theta_global, model.config.local_theta)
     ids, mask = make_batch(CONFIGS[name][1])
     assert max_diff(model, hf_model, ids, mask) < TOL
 
@@ -118,6 +117,7 @@ def test_decoder_window_needs_one_more_key(tmp_path):
 
     # What ModernBERT's convention writes: local_attention = sliding_window -> HF window of `half` keys.
     config["local_attention"] = model.config.sliding_window
+    config["sliding_window"] = half  # 5.x reads sliding_window when config.json has it
     (tmp_path / "config.json").write_text(json.dumps(config))
     naive = ModernBertDecoderForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     assert naive.config.sliding_window == half
@@ -126,33 +126,45 @@ def test_decoder_window_needs_one_more_key(tmp_path):
     assert max_diff(model, naive, ids, mask, near) < TOL
     assert max_diff(model, naive, ids, mask, mask.bool() & (position >= half)) > 1e-2
 
-    # And the class drops `local_attention` on save: without it in config.json the window falls back to 64.
-    del config["local_attention"]
+    # Without `local_attention` in config.json the window falls back to the class default 128 // 2 = 64.
+    del config["local_attention"], config["sliding_window"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert ModernBertDecoderForCausalLM.from_pretrained(tmp_path).config.sliding_window == 64
 
 
-def test_decoder_local_theta_is_ignored_by_transformers(tmp_path):
-    """ModernBertDecoder builds its local rotary embedding from the global theta. The export refuses unless
-    asked to patch; a plain from_pretrained of the folder differs; patch_decoder_local_rope restores it."""
-    model = make_model("17m", causal=True)
-    assert model.config.local_theta != model.config.rope_theta_global
-    with pytest.raises(ValueError, match="local RoPE theta 10000 and global 160000"):
-        to_hf(model, **IDS)
-    hf_model = to_hf(model, patch_local_rope=True, **IDS)
-    hf_model.save_pretrained(tmp_path)
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_split_thetas_load_with_a_plain_from_pretrained(tmp_path, causal):
+    """transformers 5 runs local layers at rope_parameters["sliding_attention"] in both classes (4.57's decoder
+    ignored the local theta). config.json also carries the 4.57 keys. The theta matters: the same folder
+    with the local theta set to the global one computes something else, and from_hf imports what it runs."""
+    model = make_model("17m", causal=causal)
+    assert (model.config.rope_theta_global, model.config.local_theta) == (160000.0, 10000.0)
+    to_hf(model, **IDS).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_parameters"]["full_attention"]["rope_theta"] == 160000.0
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
     assert (config["global_rope_theta"], config["local_rope_theta"]) == (160000.0, 10000.0)
+    assert config["global_attn_every_n_layers"] == model.config.global_attn_every_n_layers
 
+    cls = ModernBertDecoderForCausalLM if causal else ModernBertForMaskedLM
     ids, mask = make_batch(40)
-    plain = ModernBertDecoderForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
-    assert max_diff(model, plain, ids, mask) > 1e-2  # local layers ran at theta 160000
-    with pytest.warns(UserWarning, match="transformers ignores local_rope_theta"):
-        as_run = from_hf(plain)  # imports what the plain class computes: local at the global theta
-    assert as_run.config.local_theta == 160000.0
-    assert max_diff(as_run.eval(), plain, ids, mask) < TOL
-    patch_decoder_local_rope(plain)
+    plain = cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     assert max_diff(model, plain, ids, mask) < TOL
+    if causal:
+        assert patch_decoder_local_rope(plain) is plain  # on 5.x only a check
+
+    config["rope_parameters"]["sliding_attention"]["rope_theta"] = 160000.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    wrong = cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert max_diff(model, wrong, ids, mask) > 1e-2
+    if causal:  # a local table that is not the config's theta (what 4.57 built) is refused, not run
+        broken = cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+        broken.model.rotary_emb.sliding_attention_inv_freq.mul_(2.0)
+        with pytest.raises(RuntimeError, match="do not run at its local RoPE theta"):
+            patch_decoder_local_rope(broken)
+    as_run = from_hf(wrong)
+    assert as_run.config.local_theta == 160000.0
+    assert max_diff(as_run.eval(), wrong, ids, mask) < TOL
 
 
 @torch.no_grad()
@@ -197,7 +209,7 @@ def test_import_hf_writes_a_loadable_checkpoint_and_never_overwrites(tmp_path, c
 
     # A decoder whose local theta differs: the import uses the theta config.json declares.
     decoder = make_model("17m", causal=True)
-    to_hf(decoder, patch_local_rope=True, **IDS).save_pretrained(tmp_path / "dec")
+    to_hf(decoder, **IDS).save_pretrained(tmp_path / "dec")
     assert import_main([str(tmp_path / "dec"), str(tmp_path / "dec.pt")]) == 0
     fresh = EttinModel(decoder.config).eval()
     fresh.load_state_dict(model_state_dict(load_checkpoint(tmp_path / "dec.pt")), strict=True)

@@ -1,4 +1,4 @@
-"""Our Ettin model <-> transformers' ModernBERT classes (checked against transformers 4.57.6).
+"""Our Ettin model <-> transformers' ModernBERT classes (transformers 5.x; exported folders also load in 4.57).
 
     to_hf(model)      EttinModel -> ModernBertForMaskedLM (encoder) | ModernBertDecoderForCausalLM (decoder)
     from_hf(hf_model) the inverse; the returned EttinModel computes what `hf_model` computes
@@ -11,29 +11,26 @@ Keys (ours -> HF; the decoder class splits the fused Wqkv, whose rows are [q; k;
     bert.final_norm.*                    -> model.final_norm.*
     head.* (encoder) / lm_head.* (decoder), decoder.weight (tied), decoder.bias: unchanged
 
-Where the 4.57.6 classes differ from the training semantics, and what this module does:
+Where the classes differ from the training semantics, and what this module does:
   1. Decoder local window: HF keeps keys with `q - sliding_window < k <= q` (sliding_window keys including
      the query) and sets `sliding_window = local_attention // 2`; training sees sliding_window // 2 previous
      tokens plus the query. So the decoder is written with local_attention = 2 * (sliding_window // 2 + 1)
      (130 for Ettin's 128), which gives 65 keys as in training. The encoder's rule |q - k| <= local_attention // 2
-     already matches training, so the encoder keeps local_attention = sliding_window.
-  2. Decoder config round trip: ModernBertDecoderConfig does not store `local_attention`, so a saved and
-     reloaded config falls back to 128 // 2 = 64. `local_attention` is set as an attribute so that config.json
-     carries it (after from_pretrained it is gone again; hf_config/to_hf set it anew).
-  3. Decoder local RoPE theta: ModernBertDecoderModel builds both rotary embeddings from `global_rope_theta`,
-     so `local_rope_theta` is ignored. to_hf refuses such a decoder (local != global theta) unless
-     patch_local_rope=True, which replaces the model's `local_rotary_emb` in memory (patch_decoder_local_rope).
-     config.json still says the truth (both thetas), but a plain from_pretrained of it runs local layers at the
-     global theta: whoever loads such a folder with 4.57.6 must call patch_decoder_local_rope again.
+     already matches training, so the encoder keeps local_attention = sliding_window. (Same in 4.57 and 5.x.)
+  2. RoPE thetas: 5.x reads `rope_parameters` per layer type (full_attention / sliding_attention) and honours
+     the local theta in both classes. 4.57 reads `global_rope_theta` / `local_rope_theta` (and the encoder
+     `global_attn_every_n_layers`), so config.json carries those too (`hf_config`).
+  3. transformers 4.57's decoder builds both rotary embeddings from the global theta, ignoring
+     `local_rope_theta`: a 4.57 user of a decoder whose thetas differ (the 17m extension; the 17m, 32m, 68m and
+     400m decays) must call `patch_decoder_local_rope(model)` after from_pretrained. On 5.x it is not needed:
+     the function only checks that the local layers already run at the local theta.
   4. ModernBERT's own converter wrote local_rope_theta = -1 (NaN logits): both thetas are always written as
      numbers here.
 """
 
 from __future__ import annotations
 
-import copy
 import re
-import warnings
 
 import torch
 from transformers import (
@@ -85,19 +82,23 @@ def hf_config(
         norm_eps=cfg.norm_eps, norm_bias=False, attention_bias=False, mlp_bias=False, classifier_bias=False,
         decoder_bias=True, tie_word_embeddings=True,
         attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0,
-        global_attn_every_n_layers=cfg.global_attn_every_n_layers,
-        global_rope_theta=float(cfg.rope_theta_global), local_rope_theta=float(cfg.local_theta),
+        layer_types=["full_attention" if cfg.is_global_layer(i) else "sliding_attention" for i in range(cfg.num_layers)],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": float(cfg.rope_theta_global)},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": float(cfg.local_theta)}},
         attn_implementation=attn_implementation, **ids,
     )
-    if not cfg.causal:
-        return ModernBertConfig(**common, local_attention=cfg.sliding_window,
-                                architectures=["ModernBertForMaskedLM"], **extra)
-    local_attention = 2 * (half + 1)  # HF: sliding_window = local_attention // 2 keys including the query
-    layer_types = ["full_attention" if cfg.is_global_layer(i) else "sliding_attention" for i in range(cfg.num_layers)]
-    config = ModernBertDecoderConfig(**common, local_attention=local_attention, layer_types=layer_types,
-                                     architectures=["ModernBertDecoderForCausalLM"], **extra)
-    config.local_attention = local_attention  # not stored by the class: without it config.json reloads as 64
-    assert config.sliding_window == half + 1
+    if cfg.causal:
+        local_attention = 2 * (half + 1)  # HF: sliding_window = local_attention // 2 keys including the query
+        config = ModernBertDecoderConfig(**common, local_attention=local_attention,
+                                         architectures=["ModernBertDecoderForCausalLM"], **extra)
+        assert config.sliding_window == half + 1
+    else:
+        config = ModernBertConfig(**common, local_attention=cfg.sliding_window,
+                                  architectures=["ModernBertForMaskedLM"], **extra)
+    # What transformers 4.57 reads instead of layer_types / rope_parameters (5.x ignores these on load).
+    config.global_attn_every_n_layers = cfg.global_attn_every_n_layers
+    config.global_rope_theta = float(cfg.rope_theta_global)
+    config.local_rope_theta = float(cfg.local_theta)
     return config
 
 
@@ -115,47 +116,54 @@ def _inv_freq(theta: float, head_dim: int) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
 
 
+def rope_thetas(config) -> tuple[float, float]:
+    """(global, local) RoPE theta that a transformers 5.x ModernBERT config runs."""
+    params = config.rope_parameters
+    return float(params["full_attention"]["rope_theta"]), float(params["sliding_attention"]["rope_theta"])
+
+
+def _local_inv_freq(hf_model) -> torch.Tensor:
+    """The inverse frequencies the model's local (sliding-window) layers really use."""
+    rotary = hf_model.model.rotary_emb
+    if hasattr(rotary, "sliding_attention_inv_freq"):  # 5.x: one table per layer type
+        return rotary.sliding_attention_inv_freq.detach().cpu().float()
+    if not any(t == "sliding_attention" for t in hf_model.config.layer_types):  # no local layers at all
+        return _inv_freq(rope_thetas(hf_model.config)[1], hf_model.config.hidden_size // hf_model.config.num_attention_heads)
+    raise RuntimeError(f"{type(rotary).__name__} has no sliding_attention table: an unsupported transformers version")
+
+
 def patch_decoder_local_rope(hf_model: ModernBertDecoderForCausalLM) -> ModernBertDecoderForCausalLM:
-    """Rebuild the decoder's local rotary embedding from `config.local_rope_theta` (4.57.6 builds it from the
-    global theta). In place; a no-op when the two thetas are equal. Also restores `config.local_attention`."""
+    """For transformers 4.57 users only, whose ModernBertDecoder builds its local rotary embedding from the
+    global theta. transformers 5.x honours the local theta, so here this checks that the local layers run
+    at `rope_parameters["sliding_attention"]` and returns the model unchanged; it raises if they do not.
+    (The 4.57 recipe, without ettin-train, is in docs/export.md.)"""
     config = hf_model.config
-    config.local_attention = 2 * config.sliding_window
-    inner = hf_model.model
-    local_config = copy.deepcopy(config)
-    local_config.global_rope_theta = config.local_rope_theta  # `rope_theta` maps to global_rope_theta
-    rotary = type(inner.local_rotary_emb)(config=local_config, device=inner.local_rotary_emb.inv_freq.device)
-    inner.local_rotary_emb = rotary
+    local = rope_thetas(config)[1]
+    head_dim = config.hidden_size // config.num_attention_heads
+    if not torch.allclose(_local_inv_freq(hf_model), _inv_freq(local, head_dim), rtol=1e-6, atol=0):
+        raise RuntimeError(f"this decoder's local layers do not run at its local RoPE theta {local:g}; "
+                           "on transformers 4.57 use the patch in docs/export.md")
     return hf_model
 
 
 def to_hf(
     model: EttinModel,
     *,
-    patch_local_rope: bool = False,
     attn_implementation: str | None = "sdpa",
     **config_kwargs,
 ) -> ModernBertForMaskedLM | ModernBertDecoderForCausalLM:
     """A transformers model (fp32, CPU, eval mode) holding a copy of `model`'s weights.
 
-    config_kwargs go to hf_config (token ids, max_position_embeddings, extra config fields). A decoder whose
-    local theta differs from its global theta raises unless patch_local_rope=True (see the module docstring)."""
+    config_kwargs go to hf_config (token ids, max_position_embeddings, extra config fields)."""
     cfg = model.config
     config = hf_config(cfg, attn_implementation=attn_implementation, **config_kwargs)
     cls = ModernBertDecoderForCausalLM if cfg.causal else ModernBertForMaskedLM
     with no_init_weights():  # every parameter is overwritten below
         hf_model = cls(config)
     hf_model.tie_weights()
-
-    if cfg.causal and not torch.equal(hf_model.model.local_rotary_emb.inv_freq.cpu(),
-                                      _inv_freq(cfg.local_theta, cfg.head_dim)):
-        if not patch_local_rope:
-            raise ValueError(
-                f"this decoder was trained with local RoPE theta {cfg.local_theta:g} and global {cfg.rope_theta_global:g}, "
-                "but transformers' ModernBertDecoderForCausalLM builds its local rotary embedding from the global "
-                "theta, so a plain from_pretrained of the export would not reproduce it. Pass patch_local_rope=True "
-                "and load the export with ettin_train.checkpoint.hf.patch_decoder_local_rope(model) after from_pretrained"
-            )
-        patch_decoder_local_rope(hf_model)
+    if not torch.equal(_local_inv_freq(hf_model), _inv_freq(cfg.local_theta, cfg.head_dim)):
+        raise RuntimeError(f"transformers built the local rotary table of {cls.__name__} from another theta "
+                           f"than {cfg.local_theta:g}")
 
     ours = model.state_dict()
     state = {}
@@ -177,9 +185,8 @@ def to_hf(
 def from_hf(hf_model: ModernBertForMaskedLM | ModernBertDecoderForCausalLM, **overrides) -> EttinModel:
     """An EttinModel (fp32, CPU) with `hf_model`'s weights that computes what `hf_model` computes.
 
-    The architecture comes from hf_model's config, with the HF window rules translated to ours, and for the
-    decoder the local theta its local rotary embedding really uses (with a warning when that is not the
-    config's local_rope_theta). `overrides` replace ModelConfig fields afterwards (e.g. sliding_window=128)."""
+    The architecture comes from hf_model's config (layer_types, rope_parameters), with the HF window rules
+    translated to ours. `overrides` replace ModelConfig fields afterwards (e.g. sliding_window=128)."""
     config = hf_model.config
     causal = isinstance(hf_model, ModernBertDecoderForCausalLM)
     if not causal and not isinstance(hf_model, ModernBertForMaskedLM):
@@ -190,32 +197,24 @@ def from_hf(hf_model: ModernBertForMaskedLM | ModernBertDecoderForCausalLM, **ov
         "tie_word_embeddings": not config.tie_word_embeddings,
         "hidden_activation": config.hidden_activation != "gelu",
         "classifier_activation": config.classifier_activation != "gelu",
-        "rope_scaling": bool(getattr(config, "rope_scaling", None)),
+        "rope scaling": any(p.get("rope_type", "default") != "default" for p in config.rope_parameters.values()),
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"the Ettin architecture has no equivalent of this model's {', '.join(bad)} setting(s)")
 
-    n = config.global_attn_every_n_layers
+    layer_types = list(config.layer_types)
+    n = layer_types.index("full_attention", 1) if layer_types.count("full_attention") > 1 else len(layer_types)
+    expected = ["full_attention" if i % n == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    if layer_types != expected:
+        raise ValueError(f"layer_types {layer_types} are not 'global every n layers from layer 0'")
     head_dim = config.hidden_size // config.num_attention_heads
-    global_theta = float(config.global_rope_theta)
-    local_theta = float(config.local_rope_theta if config.local_rope_theta is not None else global_theta)
-    if causal:
-        expected = ["full_attention" if i % n == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
-        if list(config.layer_types) != expected:
-            raise ValueError(f"layer_types {config.layer_types} are not 'global every {n} layers from layer 0'")
-        # HF: sliding_window keys including the query -> ours: sliding_window // 2 keys before it.
-        sliding_window = 2 * (config.sliding_window - 1)
-        used = hf_model.model.local_rotary_emb.inv_freq.detach().cpu().float()
-        if not torch.allclose(used, _inv_freq(local_theta, head_dim), rtol=1e-6, atol=0):
-            if not torch.allclose(used, _inv_freq(global_theta, head_dim), rtol=1e-6, atol=0):
-                raise ValueError("the decoder's local rotary embedding matches neither of its config's thetas")
-            warnings.warn(f"config.local_rope_theta is {local_theta:g}, but this ModernBertDecoder's local layers run at "
-                          f"the global theta {global_theta:g} (transformers ignores local_rope_theta); imported as "
-                          "they run. Call patch_decoder_local_rope(model) first to import the declared theta.")
-            local_theta = global_theta
-    else:
-        sliding_window = config.local_attention
+    global_theta, local_theta = rope_thetas(config)
+    if not torch.allclose(_local_inv_freq(hf_model), _inv_freq(local_theta, head_dim), rtol=1e-6, atol=0):
+        raise ValueError(f"the local rotary table of this {type(hf_model).__name__} does not match its config's "
+                         f"local theta {local_theta:g}")
+    # HF decoder: sliding_window keys including the query -> ours: sliding_window // 2 keys before it.
+    sliding_window = 2 * (config.sliding_window - 1) if causal else config.local_attention
     cfg = ModelConfig(
         size=None, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_heads=config.num_attention_heads,

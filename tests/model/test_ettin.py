@@ -214,6 +214,8 @@ def test_cuda_backend_matches_cpu_sdpa_in_values_and_gradients(backend, causal, 
 
     if not backend_runs(backend, torch.device("cuda"), torch.bfloat16):
         pytest.skip(f"attention backend {backend} is not available on this machine")
+    if compiled and backend not in ("varlen", "fa4"):
+        pytest.skip("compiled layers are checked for the custom-op backends (flex compiles its kernel even in eager layers)")
     cfg = _agreement_cfg(causal)
     ids, mask = _window_binding_batch(seq=100)
     torch.manual_seed(0)

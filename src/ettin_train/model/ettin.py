@@ -22,6 +22,7 @@ needs sequence structure; it has these backends in one module:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -49,12 +50,13 @@ VARLEN_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(v
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def fa4_available() -> bool:
     """flash-attn-4 installed and a torch that can route its flash kernels to it."""
     try:
-        import flash_attn.cute  # noqa: F401 - the optional flash-attn-4 package
         from torch.nn.attention import activate_flash_attention_impl  # noqa: F401
-    except ImportError:
+        import flash_attn.cute  # noqa: F401 - the optional flash-attn-4 package
+    except Exception:  # noqa: BLE001 - missing, or its CuTe DSL runtime fails to load: then it does not run here
         return False
     return VARLEN_WINDOW
 
@@ -246,6 +248,7 @@ class Attention(nn.Module):
         self.half_window = -1 if is_global else cfg.sliding_window // 2
         self.rope_theta = cfg.rope_theta_global if is_global else cfg.local_theta
         self.backend = cfg.attention_backend
+        self.resolved: str | None = None  # this batch's backend, set by prepare()
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.out_drop = nn.Dropout(cfg.attn_out_dropout)
@@ -254,9 +257,11 @@ class Attention(nn.Module):
         """Build this batch's RoPE table and masks once per batch, before the layers run, so a compiled
         layer only reads them (no host sync, no cache filling inside the graph)."""
         packed.rope(self.rope_theta, self.head_dim, dtype)
-        backend = self._resolve_backend(packed.indices, dtype)
+        # Resolved here, eagerly: the availability checks (imports) must not run inside a compiled layer.
+        backend = self.resolved = self._resolve_backend(packed.indices, dtype)
         if backend == "flex":
             packed.flex_mask(self.half_window, self.causal)
+            _flex_kernel(packed.indices.is_cuda)  # create the compiled kernel outside the layer's graph
         elif backend == "fa4":
             activate_fa4()
         elif backend == "sdpa" and packed.indices.is_cuda:
@@ -270,7 +275,7 @@ class Attention(nn.Module):
         q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         cos, sin = packed.rope(self.rope_theta, self.head_dim, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = self._resolve_backend(q, q.dtype)
+        backend = self.resolved if self.resolved is not None else self._resolve_backend(q, q.dtype)
         if backend in ("varlen", "fa4"):
             out = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                               window_size=self.window_size())

@@ -216,7 +216,7 @@ def _callbacks(recipe: Recipe, save_folder: Path, restore_rng: RestoreRngMidEpoc
                exporter: ExportCheckpoints | None) -> list[Callback]:
     run_dir = Path(recipe.run_dir)
     callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
-                                 Ledger(run_dir / "ledger.jsonl", recipe.phase)]
+                                 Ledger(run_dir / "ledger.jsonl", recipe.phase, recipe.logging.console_interval)]
     callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))

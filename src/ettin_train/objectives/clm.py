@@ -19,14 +19,18 @@ def make_collator(tokens: SpecialTokens, mask_rate: float, seed: int):
     return collate
 
 
-def loss(model, batch: dict) -> torch.Tensor:
+def score(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of every scored position: each token that has a next one in its sequence."""
     hidden, packed = model.encode(batch["input_ids"], batch["attention_mask"])
     ids = batch["input_ids"].flatten()[packed.indices]
     has_next = torch.ones_like(ids, dtype=torch.bool)
     has_next[packed.cu_seqlens[1:].long() - 1] = False
-    targets = ids.roll(-1)[has_next]
-    logits = model.predict(hidden[has_next])
+    return model.predict(hidden[has_next]), ids.roll(-1)[has_next]
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    logits, targets = score(model, batch)
     return F.cross_entropy(logits.float(), targets)
 
 
-CLM = Objective(name="clm", causal=True, make_collator=make_collator, loss=loss)
+CLM = Objective(name="clm", causal=True, make_collator=make_collator, loss=loss, score=score)

@@ -40,14 +40,25 @@ def make_collator(tokens: SpecialTokens, mask_rate: float, seed: int):
     return collate
 
 
-def loss(model, batch: dict) -> torch.Tensor:
+def _positions(model, batch: dict):
+    """Hidden states of the real tokens, their labels, and which of them are scored (the masked ones)."""
     hidden, packed = model.encode(batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"].flatten()[packed.indices]
-    scored = labels != -100
+    return hidden, labels, labels != -100
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    hidden, labels, scored = _positions(model, batch)
     if not bool(scored.any()):  # a microbatch without a masked token: contribute nothing, keep the graph
         return hidden.sum() * 0.0
     logits = model.predict(hidden[scored])
     return F.cross_entropy(logits.float(), labels[scored])
 
 
-MLM = Objective(name="mlm", causal=False, make_collator=make_collator, loss=loss)
+def score(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of every scored position (for evaluation: sums, not a mean)."""
+    hidden, labels, scored = _positions(model, batch)
+    return model.predict(hidden[scored]), labels[scored]
+
+
+MLM = Objective(name="mlm", causal=False, make_collator=make_collator, loss=loss, score=score)

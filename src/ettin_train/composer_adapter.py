@@ -168,6 +168,34 @@ class Ledger(Callback):
             f.write(json.dumps(line) + "\n")
 
 
+class Evaluate(Callback):
+    """The recipe's `eval` (eval/loop.py): held-out metrics on every rank when due, after the step and before
+    its checkpoint, to the console, the loggers and run_dir/eval.jsonl."""
+
+    def __init__(self, loop, log, run_name: str, autocast_dtype):
+        self.loop, self.log, self.name, self.autocast = loop, log, run_name, autocast_dtype
+        self.before = (0, 0)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.before = (state.timestamp.token.value, state.timestamp.batch.value)
+        if dist.get_global_rank() == 0:
+            self.log.drop_after(state.timestamp.batch.value)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        now, before = (state.timestamp.token.value, state.timestamp.batch.value), self.before
+        self.before = now
+        if not self.loop.due(before, now):
+            return
+        wrapper = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
+        results = self.loop.run(wrapper.model, dist.get_global_rank(), self.autocast)
+        if dist.get_global_rank() == 0:
+            from ettin_train.eval.loop import console_line, logger_metrics
+
+            self.log.append(now[1], now[0], results)
+            logger.log_metrics(logger_metrics(results))
+            print(console_line(self.name, now[1], results), flush=True)
+
+
 class DataStepCheck(Callback):
     """Replay: the trainer's step and the order's step must agree at every step."""
 
@@ -383,6 +411,14 @@ def run(recipe: Recipe) -> None:
         except ValueError as e:
             sys.exit(f"error: {e}")
         loader = DataLoader(dataset, batch_size=None, **workers)
+    in_loop_eval = None
+    if recipe.eval.sources:  # held-out data checked and read before anything is written
+        from ettin_train.eval.loop import HeldOutError, InLoopEval
+
+        try:
+            in_loop_eval = InLoopEval(recipe, objective, tokens, world)
+        except HeldOutError as e:
+            sys.exit(f"error: {e}")
     # The token clock counts real tokens only (the original's count_padding_tokens: false).
     data = DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["attention_mask"].sum()))
 
@@ -396,6 +432,11 @@ def run(recipe: Recipe) -> None:
     restore_rng = RestoreRngMidEpoch()
     callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
                                  Ledger(run_dir / "ledger.jsonl", recipe.phase)]
+    if in_loop_eval:
+        from ettin_train.eval.loop import EvalLog
+
+        callbacks.append(Evaluate(in_loop_eval, EvalLog(run_dir / "eval.jsonl", recipe.phase), recipe.run_name,
+                                  torch.bfloat16 if recipe.train.precision == "amp_bf16" or (recipe.train.precision == "auto" and on_gpu) else None))
     callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))

@@ -71,6 +71,8 @@ def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dic
 
     docs = list(stdlib_docstrings(max_chars))
     heldout = list(stdlib_docstrings(max_chars + heldout_chars))[len(docs):] if heldout_chars else []
+    if heldout_chars and not heldout:
+        raise ValueError(f"no documents are left after the first {max_chars} characters for held-out data: lower max_chars")
     tok = train_tokenizer([text for _, text in docs], vocab_size, str(Path(out_dir) / "tokenizer"))
 
     def encode(part):

@@ -70,21 +70,17 @@ def training_folders(sources: list[str]) -> list[str]:
     return out
 
 
-def plan(args) -> tuple[EvalSettings, list, dict, Table]:
-    """All checks; returns the settings, the points to evaluate with their tokens seen, the phase starts
+def plan(args, workdir: Path) -> tuple[EvalSettings, list, dict, Table]:
+    """All checks (tags are extracted into `workdir` when loaded); returns the settings, the points to evaluate with their tokens seen, the phase starts
     and the table. Raises SourceError or HeldOutError (nothing is written)."""
     settings = EvalSettings(args.batches, args.batch_size, args.seq_len, args.mask_rate, args.seed)
     for folder in args.data:
         if not (Path(folder) / "index.json").is_file():
             raise HeldOutError(f"--data {folder}: {Path(folder) / 'index.json'} does not exist (MDS shards)")
     check_disjoint(args.data, args.train_data + training_folders(args.sources))
-    workdir = Path(tempfile.mkdtemp(prefix="ettin-eval-"))
     listed = [p for s in args.sources for p in list_points(s, workdir)]
-    chosen = []
-    for s in args.sources:
-        mine = [p for p in listed if p.source == s]
-        tags = select([p.tag for p in mine], args.tags, s) if args.tags else [p.tag for p in mine]
-        chosen += [p for p in mine if p.tag in tags]
+    chosen_tags = select({s: [p.tag for p in listed if p.source == s] for s in args.sources}, args.tags)
+    chosen = [p for p in listed if p.tag in chosen_tags[p.source]]
     tokens, starts = cumulative_tokens(listed)
     table = Table(Path(args.out))
     wanted = {"eval": vars(settings), "data": {_name(d): index_digest(d) for d in args.data}}
@@ -113,6 +109,11 @@ def _name(folder: str) -> str:
 
 
 def run(args) -> Table:
+    with tempfile.TemporaryDirectory(prefix="ettin-eval-") as workdir:
+        return _run(args, Path(workdir))
+
+
+def _run(args, workdir: Path) -> Table:
     from tqdm import tqdm
 
     import torch
@@ -120,7 +121,7 @@ def run(args) -> Table:
     from ettin_train.eval.metrics import evaluate
     from ettin_train.objectives import SpecialTokens, get_objective
 
-    settings, points, _, table = plan(args)
+    settings, points, _, table = plan(args, workdir)
     todo = [(p, t) for p, t in points if not all(table.has(p.kind, p.tag, _name(d)) for d in args.data)]
     print(f"{PROG}: {len(points)} checkpoint(s), {len(points) - len(todo)} already in {table.json}, {len(todo)} to evaluate",
           flush=True)
@@ -129,19 +130,23 @@ def run(args) -> Table:
     device = torch.device(args.device)
     for p, seen in tqdm(todo, desc=PROG, unit="ckpt", disable=not todo):
         model, objective_name, tokenizer = p.load()
-        name = args.tokenizer or tokenizer
-        if name is None:
+        tokenizer = args.tokenizer or tokenizer
+        if tokenizer is None:
             raise SourceError(f"{p.source} {p.tag}: no tokenizer recorded or included: give --tokenizer")
-        if name not in tokenizers:
-            from transformers import AutoTokenizer
+        if not isinstance(tokenizer, str):  # one that came with an exported folder
+            special = SpecialTokens.from_tokenizer(tokenizer)
+        else:
+            if tokenizer not in tokenizers:
+                from transformers import AutoTokenizer
 
-            tokenizers[name] = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(name))
+                tokenizers[tokenizer] = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer))
+            special = tokenizers[tokenizer]
         objective = get_objective(objective_name)
         model = model.to(device)
         for d in args.data:
             if table.has(p.kind, p.tag, _name(d)):
                 continue
-            held = HeldOut(d, objective, tokenizers[name], settings, rows[d])
+            held = HeldOut(d, objective, special, settings, rows[d])
             result = evaluate(model, objective, held.batches(), device=device)
             table.add({"kind": p.kind, "objective": objective.name, "tag": p.tag, "phase": p.phase, "step": p.step,
                        "tokens": seen, "data": _name(d), "source": p.source, **result})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -33,26 +34,26 @@ class Point:
     step: int
     tokens: int | None  # tokens seen in its phase (each phase's clock starts at 0); None when unknown
     objective: str | None  # None until loaded when the listing cannot say (Hub revisions of other exporters)
-    load: Callable[[], tuple[object, str, str | None]] = field(repr=False)  # -> (EttinModel, objective, tokenizer)
+    # -> (EttinModel, objective, tokenizer: a folder or Hub name, a loaded tokenizer, or None)
+    load: Callable[[], tuple[object, str, object]] = field(repr=False)
 
     @property
     def kind(self) -> str:
         return "decoder" if self.objective == "clm" else "encoder"
 
 
-def select(tags: list[str], patterns: list[str] | None, where: str) -> list[str]:
-    """The tags (in their order) matching any pattern (fnmatch: `step*`, `ext*`, or exact names); an exact name or a pattern
-    that matches nothing is an error."""
+def select(tags_by_source: dict[str, list[str]], patterns: list[str] | None) -> dict[str, list[str]]:
+    """Per source, its tags (in their order) that match any pattern (fnmatch: `step*`, `ext*`, or exact
+    names); a name or pattern that matches no tag of any source is an error."""
     if not patterns:
-        return tags
-    chosen = []
+        return tags_by_source
     for p in patterns:
-        hits = [t for t in tags if fnmatch.fnmatchcase(t, p)]
-        if not hits:
-            raise SourceError(f"tag {p!r} does not exist in {where} (it has {', '.join(tags[:8]) or 'no tags'}"
-                              f"{', ...' if len(tags) > 8 else ''})")
-        chosen += hits
-    return [t for t in tags if t in chosen]
+        if not any(fnmatch.fnmatchcase(t, p) for tags in tags_by_source.values() for t in tags):
+            where = ", ".join(tags_by_source)
+            some = sorted({t for tags in tags_by_source.values() for t in tags})
+            raise SourceError(f"tag {p!r} does not exist in {where} (it has {', '.join(some[:8]) or 'no tags'}"
+                              f"{', ...' if len(some) > 8 else ''})")
+    return {s: [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)] for s, tags in tags_by_source.items()}
 
 
 # ---------------------------------------------------------------- run folders (raw checkpoints)
@@ -97,7 +98,11 @@ def _from_hf_folder(folder: Path):
     config = json.loads((folder / "config.json").read_text())
     causal = "ModernBertDecoderForCausalLM" in config.get("architectures", [])
     model = from_hf(load_hf_folder(folder, causal), attention_backend="sdpa")
-    tokenizer = str(folder) if (folder / "tokenizer.json").exists() else None
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():  # loaded now: the folder of a tag is removed after loading
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, config.get("ettin_objective", "clm" if causal else "mlm"), tokenizer
 
 
@@ -119,7 +124,10 @@ def _repo_points(repo: Path, workdir: Path) -> list[Point]:
             dest = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir))
             archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", tag], capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-            return _from_hf_folder(dest)
+            try:
+                return _from_hf_folder(dest)  # the weights are in memory now, and the tokenizer loaded (cli.run)
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
 
         config = subprocess.run(["git", "-C", str(repo), "show", f"{tag}:config.json"], capture_output=True, text=True)
         objective = json.loads(config.stdout).get("ettin_objective") if config.returncode == 0 else None

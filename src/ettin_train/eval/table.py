@@ -55,18 +55,26 @@ class Table:
         metrics = [m for m in METRICS if any(r.get(m) is not None for r in self.rows)]
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
         series = sorted({(r["kind"], r["objective"], r["data"]) for r in self.rows})
+        # a colour per model kind (its phase lines too), a line style per held-out source
+        color = {k: f"C{i}" for i, k in enumerate(sorted({r["kind"] for r in self.rows} | set(self.phases)))}
+        style = {d: ("-", ":", "-.", (0, (5, 1)))[i % 4] for i, d in enumerate(sorted({r["data"] for r in self.rows}))}
         for ax, metric in zip(axes[0], metrics):
             for kind, objective, data in series:
                 pts = sorted((r["tokens"], r[metric]) for r in self.rows if (r["kind"], r["data"]) == (kind, data)
                              and r["tokens"] is not None and r.get(metric) is not None)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=f"{kind} ({objective}), {data}")
-            for i, (kind, starts) in enumerate(sorted(self.phases.items())):
-                for phase, start in starts.items():
+                    ax.plot(*zip(*pts), marker="o", ms=3, color=color[kind], ls=style[data], label=f"{kind} ({objective}), {data}")
+            starts: dict[tuple[str, int], list[str]] = {}  # (phase, tokens) -> the kinds whose phase starts there
+            for kind, phases in sorted(self.phases.items()):
+                for phase, start in phases.items():
                     if phase != "pretrain":
-                        ax.axvline(start, color=f"C{i}", ls="--", lw=0.8, alpha=0.6)
-                        ax.annotate(f"{kind}: {phase}", (start, 1), xycoords=("data", "axes fraction"), rotation=90,
-                                    va="top", ha="right", fontsize=7, color=f"C{i}")
+                        starts.setdefault((phase, start), []).append(kind)
+            for (phase, start), kinds in sorted(starts.items(), key=lambda x: x[0][1]):
+                shared = len(kinds) == len(self.phases)  # the pair's phases start together: one line
+                c = "0.4" if shared else color[kinds[0]]
+                ax.axvline(start, color=c, ls="--", lw=0.8, alpha=0.7)
+                ax.text(start, 0.98, phase if shared else f"{kinds[0]}: {phase}", transform=ax.get_xaxis_transform(),
+                        rotation=90, va="top", ha="right", fontsize=7, color=c)
             ax.set_xlabel("tokens seen")
             ax.set_title(metric if metric != "accuracy" else "accuracy (masked / next token)")
             if metric == "perplexity":

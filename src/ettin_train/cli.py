@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plot:
         return 0
-    from ettin_train.composer_adapter import run
+    from ettin_train.train.run import run
 
     run(recipe)
     return 0

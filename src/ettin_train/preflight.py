@@ -1,8 +1,9 @@
 """Checks of everything a recipe points at, run once before the Trainer is built, so a bad input stops
 the run with one line (exit status 1) before anything is written: the shards against their index, the
 sequence length, room on the checkpoint disk, and the checkpoint a resume would load. It also repairs
-the checkpoint folder after a crash (reliability.prepare_resume) and removes streaming's leftovers
-from killed runs. The recipe itself was checked when it was loaded (exit status 2)."""
+the checkpoint folder after a crash (checkpoint/run_folder.prepare_resume) and removes streaming's leftovers
+from killed runs. The recipe itself was checked when it was loaded (exit status 2). Nothing it imports imports
+Composer (only src/ettin_train/train/ does)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch.distributed as tdist
 from ettin_train.checkpoint.hf import hf_config
 from ettin_train.config import Recipe, recipe_to_dict
 from ettin_train.data.permuted import resolve_sources
-from ettin_train.reliability import checkpoint_bytes, clean_streaming_leftovers, prepare_resume
+from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
+from ettin_train.data.streaming_leftovers import clean_streaming_leftovers
 
 # What an exported config declares (max_position_embeddings) and so what transformers will accept.
 MAX_POSITIONS = inspect.signature(hf_config).parameters["max_position_embeddings"].default

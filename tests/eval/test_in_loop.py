@@ -14,8 +14,7 @@ import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.eval.cli import main as eval_main
-from tests.conftest import run_train, tiny_recipe, write_recipe
-from tests.test_parallel import _free_port
+from tests.conftest import free_port, run_train, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,7 @@ def runs(tiny_data, tmp_path_factory) -> Path:
     for name, with_eval in (("plain", False), ("eval", True)):
         run_train(str(write_recipe(root / f"{name}.yaml", recipe(tiny_data, root / name, with_eval))))
     two = write_recipe(root / "two.yaml", recipe(tiny_data, root / "two", True))
-    run_train(str(two), launcher=[str(BIN / "composer"), "-n", "2", "--master_port", str(_free_port())])
+    run_train(str(two), launcher=[str(BIN / "composer"), "-n", "2", "--master_port", str(free_port())])
     return root
 
 

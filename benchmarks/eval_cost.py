@@ -1,5 +1,5 @@
 """What in-loop evaluation costs: whole `train.py` runs of one recipe with and without its `eval` section,
-alternated, wall time of each run; prints the ratio (with / without) per pair and their median.
+alternated (which goes first alternates too), wall time of each run; prints the ratio (with / without) per pair and their median.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python benchmarks/eval_cost.py --steps 60 --interval 10ba --repeats 2
 
@@ -60,7 +60,8 @@ def main() -> None:
         ratios = []
         for k in range(args.repeats):
             times = {}
-            for side, cfg in (("without", None), ("with", eval_cfg)):
+            sides = [("without", None), ("with", eval_cfg)]
+            for side, cfg in sides if k % 2 == 0 else sides[::-1]:  # which goes first alternates
                 path = tmp / f"{side}{k}.yaml"
                 path.write_text(yaml.safe_dump(recipe(tmp / "data", tmp / f"{side}{k}", args.steps, cfg)))
                 times[side] = timed_run(path)

@@ -32,11 +32,12 @@ def prepare_data() -> None:
     from ettin_train.data.demo_corpus import build_demo_data
 
     data = OUT / "data"
-    if (data / "long" / "index.json").exists():
+    if (data / "heldout_short" / "index.json").exists():
         print(f"demo data: reusing {data}")
         return
     t = time.time()
-    counts = build_demo_data(str(data), max_chars=2_000_000, vocab_size=4096, seq_lens={"short": 128, "long": 512})
+    counts = build_demo_data(str(data), max_chars=1_250_000, vocab_size=4096, seq_lens={"short": 128, "long": 512},
+                             heldout_chars=200_000)  # of the stdlib's ~1.5M characters; heldout_*: the recipes' eval.sources
     print(f"demo data: tokenizer and MDS shards in {data} ({counts['short']} + {counts['long']} samples, {time.time() - t:.0f}s)")
 
 

@@ -30,11 +30,12 @@ def no_stale_streaming_memory():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """`tokenizer/` (byte-level BPE, 512 tokens, ModernBERT special tokens) and MDS folders `short`
-    (64-token pieces) and `long` (128-token pieces) from standard-library docstrings."""
+    (64-token pieces) and `long` (128-token pieces) from standard-library docstrings, and the same of
+    the modules that follow as held-out data: `heldout_short`, `heldout_long`."""
     from ettin_train.data.demo_corpus import build_demo_data
 
     out = tmp_path_factory.mktemp("tiny_data")
-    build_demo_data(str(out), max_chars=150_000, vocab_size=512, seq_lens={"short": 64, "long": 128})
+    build_demo_data(str(out), max_chars=150_000, vocab_size=512, seq_lens={"short": 64, "long": 128}, heldout_chars=30_000)
     return out
 
 

@@ -217,6 +217,9 @@ def _check_semantics(r: Recipe, sources: dict[str, str], recipe_path: str) -> No
                 "logging.console_interval": r.logging.console_interval}
     if r.train.microbatch is not None:
         positive["train.microbatch"] = r.train.microbatch
+    if r.eval.sources:
+        positive |= {"eval.batches": r.eval.batches, "eval.batch_size": r.eval.batch_size,
+                     "eval.interval": Duration.parse(r.eval.interval)[0], "eval.seq_len": r.eval.seq_len or r.data.seq_len}
     for key, value in positive.items():
         if value <= 0:
             raise RecipeError(f"key '{key}' ({where(key)}) must be positive, got {value}")

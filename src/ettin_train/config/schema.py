@@ -218,6 +218,25 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-loop evaluation on held-out data (docs/eval.md): off while `sources` is empty (as the original runs)."""
+
+    # Held-out MDS folders that training never reads (a training folder, one inside it or a copy is refused).
+    sources: list[str] = field(default_factory=list)
+    # Evaluate each time the clock passes a multiple of this (tok or ba), and at the end of max_duration.
+    interval: Duration = Duration("100ba")
+    # Batches of `batch_size` rows (all processes together) per source: the same rows and masks every time.
+    batches: int = 4
+    batch_size: int = 32
+    # The context of the evaluation rows; null: data.seq_len. Fix it across phases to compare their curves.
+    seq_len: Optional[int] = None
+    # MLM/MNTP masking of the evaluation rows, fixed across phases (data.mask_rate changes between them).
+    mask_rate: float = 0.3
+    # Fixes which rows of each source are taken and their masks.
+    seed: int = 1234
+
+
+@dataclass
 class Recipe:
     run_name: str = MISSING
     # Everything a run writes goes here: checkpoints/, ledger.jsonl, recipe.yaml.
@@ -235,6 +254,7 @@ class Recipe:
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys that exist on a dataclass but are not the recipe's to set (derived from other keys).

@@ -62,14 +62,26 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
     return fast
 
 
-def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dict[str, int]) -> dict[str, int]:
+def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dict[str, int],
+                    heldout_chars: int = 0) -> dict[str, int]:
     """Writes `out_dir/tokenizer` and one MDS folder per entry of `seq_lens` (name -> sequence length).
-    Returns the number of samples per folder."""
+    With `heldout_chars`, also `heldout_<name>` folders from the documents that follow the training ones
+    (other modules, never trained on: evaluation data, docs/eval.md). Returns the samples per folder."""
     from ettin_train.data.shards import write_shards
 
     docs = list(stdlib_docstrings(max_chars))
+    heldout = list(stdlib_docstrings(max_chars + heldout_chars))[len(docs):] if heldout_chars else []
+    if heldout_chars and not heldout:
+        raise ValueError(f"no documents are left after the first {max_chars} characters for held-out data: lower max_chars")
     tok = train_tokenizer([text for _, text in docs], vocab_size, str(Path(out_dir) / "tokenizer"))
-    encoded = [(doc_id, ids) for (doc_id, _), ids in
-               zip(docs, tok([text for _, text in docs], add_special_tokens=False, verbose=False)["input_ids"])]
+
+    def encode(part):
+        return [(doc_id, ids) for (doc_id, _), ids in
+                zip(part, tok([text for _, text in part], add_special_tokens=False, verbose=False)["input_ids"])]
+
+    train, test = encode(docs), encode(heldout)
+    folders = {name: (train, seq_len) for name, seq_len in seq_lens.items()}
+    if heldout:
+        folders |= {f"heldout_{name}": (test, seq_len) for name, seq_len in seq_lens.items()}
     return {name: write_shards(str(Path(out_dir) / name), encoded, seq_len, tok.cls_token_id, tok.sep_token_id)
-            for name, seq_len in seq_lens.items()}
+            for name, (encoded, seq_len) in folders.items()}

@@ -51,9 +51,11 @@ class Objective:
     `make_collator(tokens, mask_rate, seed)` returns a function from a list of samples
     (dicts with `input_ids` and `key`, a stable integer id of the sample) to a batch dict.
     `loss(model, batch)` returns the mean loss over the positions the objective scores.
+    `score(model, batch)` returns (logits, targets) of those positions, for evaluation (eval/metrics.py).
     """
 
     name: str
     causal: bool
     make_collator: Callable
     loss: Callable
+    score: Callable

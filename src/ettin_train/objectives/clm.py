@@ -20,16 +20,21 @@ def make_collator(tokens: SpecialTokens, mask_rate: float, seed: int):
     return collate
 
 
-def loss(model, batch: dict) -> torch.Tensor:
-    # Positions with a target are found before the layers are queued (see mlm.loss).
+def score(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of every scored position: each token that has a next one in its sequence."""
+    # Positions with a target are found before the layers are queued (see mlm._positions).
     packed = Packed.from_mask(batch["attention_mask"])
     ids = batch["input_ids"].flatten()[packed.indices]
     has_next = torch.ones_like(ids, dtype=torch.bool)
     has_next[packed.cu_seqlens[1:].long() - 1] = False
     scored = has_next.nonzero().squeeze(1)
     hidden, _ = model.encode(batch["input_ids"], batch["attention_mask"], packed)
-    logits = model.predict(hidden.index_select(0, scored))
-    return F.cross_entropy(logits.float(), ids.roll(-1).index_select(0, scored))
+    return model.predict(hidden.index_select(0, scored)), ids.roll(-1).index_select(0, scored)
 
 
-CLM = Objective(name="clm", causal=True, make_collator=make_collator, loss=loss)
+def loss(model, batch: dict) -> torch.Tensor:
+    logits, targets = score(model, batch)
+    return F.cross_entropy(logits.float(), targets)
+
+
+CLM = Objective(name="clm", causal=True, make_collator=make_collator, loss=loss, score=score)

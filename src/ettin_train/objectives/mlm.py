@@ -41,17 +41,29 @@ def make_collator(tokens: SpecialTokens, mask_rate: float, seed: int):
     return collate
 
 
-def loss(model, batch: dict) -> torch.Tensor:
+def _positions(model, batch: dict):
+    """Hidden states of the real tokens, their labels, and the indices of the scored (masked) ones."""
     # The masked positions are found before the layers are queued: their host sync (how many) then waits
     # for the batch's copy to the device only, not for the forward pass, and the head runs on them alone.
     packed = Packed.from_mask(batch["attention_mask"])
     labels = batch["labels"].flatten()[packed.indices]
     scored = (labels != -100).nonzero().squeeze(1)
     hidden, _ = model.encode(batch["input_ids"], batch["attention_mask"], packed)
+    return hidden, labels, scored
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    hidden, labels, scored = _positions(model, batch)
     if scored.numel() == 0:  # a microbatch without a masked token: contribute nothing, keep the graph
         return hidden.sum() * 0.0
     logits = model.predict(hidden.index_select(0, scored))
     return F.cross_entropy(logits.float(), labels.index_select(0, scored))
 
 
-MLM = Objective(name="mlm", causal=False, make_collator=make_collator, loss=loss)
+def score(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of every scored position (for evaluation: sums, not a mean)."""
+    hidden, labels, scored = _positions(model, batch)
+    return model.predict(hidden.index_select(0, scored)), labels.index_select(0, scored)
+
+
+MLM = Objective(name="mlm", causal=False, make_collator=make_collator, loss=loss, score=score)

@@ -15,18 +15,30 @@ from ettin_train.objectives.base import Objective
 from ettin_train.objectives.mlm import make_collator
 
 
-def loss(model, batch: dict) -> torch.Tensor:
-    # Positions are found before the layers are queued (see mlm.loss).
+def _positions(model, batch: dict):
+    """Hidden states of the real tokens, their labels, and the indices of the scored (masked, not first) ones."""
+    # Positions are found before the layers are queued (see mlm._positions).
     packed = Packed.from_mask(batch["attention_mask"])
     labels = batch["labels"].flatten()[packed.indices]
     has_previous = torch.ones_like(labels, dtype=torch.bool)
     has_previous[packed.cu_seqlens[:-1].long()] = False  # first token of each sequence
     scored = ((labels != -100) & has_previous).nonzero().squeeze(1)
     hidden, _ = model.encode(batch["input_ids"], batch["attention_mask"], packed)
+    return hidden, labels, scored
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    hidden, labels, scored = _positions(model, batch)
     if scored.numel() == 0:  # nothing masked in this microbatch: contribute nothing, keep the graph
         return hidden.sum() * 0.0
     logits = model.predict(hidden[scored - 1])  # the previous position of the same (packed) sequence
     return F.cross_entropy(logits.float(), labels[scored])
 
 
-MNTP = Objective(name="mntp", causal=False, make_collator=make_collator, loss=loss)
+def score(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of every scored position (for evaluation: sums, not a mean)."""
+    hidden, labels, scored = _positions(model, batch)
+    return model.predict(hidden[scored - 1]), labels[scored]
+
+
+MNTP = Objective(name="mntp", causal=False, make_collator=make_collator, loss=loss, score=score)

@@ -1,5 +1,5 @@
 """The run's own callbacks: the console line, the checkpoint's metadata, the step ledger, the data-step check,
-`train.stop_after` and live export. Reliability's callbacks are in reliability.py; workarounds in shims.py."""
+`train.stop_after`, in-loop evaluation and live export. Reliability's callbacks are in reliability.py; workarounds in shims.py."""
 
 from __future__ import annotations
 
@@ -140,6 +140,34 @@ class StopAfter(Callback):
         now = state.timestamp.token.value if self.unit == "tok" else state.timestamp.batch.value
         if now >= self.at:
             state.stop_training()
+
+
+class Evaluate(Callback):
+    """The recipe's `eval` (eval/loop.py): held-out metrics on every rank when due, after the step and before
+    its checkpoint, to the console, the loggers and run_dir/eval.jsonl."""
+
+    def __init__(self, loop, log, run_name: str, autocast_dtype):
+        self.loop, self.log, self.name, self.autocast = loop, log, run_name, autocast_dtype
+        self.before = (0, 0)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.before = (state.timestamp.token.value, state.timestamp.batch.value)
+        if dist.get_global_rank() == 0:
+            self.log.drop_after(state.timestamp.batch.value)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        from ettin_train.eval.loop import console_line, logger_metrics
+
+        now, before = (state.timestamp.token.value, state.timestamp.batch.value), self.before
+        self.before = now
+        if not self.loop.due(before, now):
+            return
+        wrapper = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
+        results = self.loop.run(wrapper.model, dist.get_global_rank(), self.autocast)
+        if dist.get_global_rank() == 0:
+            self.log.append(now[1], now[0], results)
+            logger.log_metrics(logger_metrics(results))
+            print(console_line(self.name, now[1], results), flush=True)
 
 
 class ExportCheckpoints(Callback):

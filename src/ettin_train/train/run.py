@@ -32,7 +32,8 @@ from ettin_train.model import EttinModel
 from ettin_train.objectives import SpecialTokens, get_objective
 from ettin_train.preflight import preflight
 from ettin_train.train import parallel
-from ettin_train.train.callbacks import DataStepCheck, ExportCheckpoints, Ledger, Progress, RunMetadata, StopAfter
+from ettin_train.train.callbacks import (DataStepCheck, Evaluate, ExportCheckpoints, Ledger, Progress, RunMetadata,
+                                        StopAfter)
 from ettin_train.train.module import EttinComposerModel, LRSchedule, build_optimizer, composer_time
 from ettin_train.train.reliability import StopRun, reliability_callbacks
 from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, digest_checkpoint_writes,
@@ -52,6 +53,7 @@ def run(recipe: Recipe) -> None:
     preflight(recipe, model, save_folder)  # bad inputs stop here; a crashed run's checkpoint folder is repaired
     start = _starting_point(recipe, model, optimizer, save_folder)
     dataset, loader, per_device = _data(recipe, objective, tokens, world)
+    evaluate = _in_loop_eval(recipe, objective, tokens, world, on_gpu)  # held-out data read before anything is written
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
@@ -62,7 +64,7 @@ def run(recipe: Recipe) -> None:
     restore_rng = RestoreRngMidEpoch()
     exporter = ExportCheckpoints(CheckpointExporter(recipe.export.repo, recipe.run_name), recipe.export.every_checkpoint) \
         if recipe.export.repo else None
-    callbacks = _callbacks(recipe, save_folder, restore_rng, exporter)
+    callbacks = _callbacks(recipe, save_folder, restore_rng, exporter, evaluate)
     # Both loaders (replayed order, own data) seek from a sample count, so a checkpoint without a data position
     # (the original runs') continues at its step without re-reading the epoch.
     layout = resume.CurrentLayout(ParamLayout.of(model, optimizer), data_position=lambda n: dataset.state_dict(n, True))
@@ -212,11 +214,27 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
     return dataset, DataLoader(dataset, batch_size=None, **workers), per_device
 
 
+def _in_loop_eval(recipe: Recipe, objective, tokens: SpecialTokens, world: int, on_gpu: bool) -> Evaluate | None:
+    """The recipe's `eval` (off while eval.sources is empty); a held-out source that cannot be used exits here."""
+    if not recipe.eval.sources:
+        return None
+    from ettin_train.eval.loop import EvalLog, HeldOutError, InLoopEval
+
+    try:
+        loop = InLoopEval(recipe, objective, tokens, world)
+    except HeldOutError as e:
+        sys.exit(f"error: {e}")
+    bf16 = recipe.train.precision == "amp_bf16" or (recipe.train.precision == "auto" and on_gpu)
+    return Evaluate(loop, EvalLog(Path(recipe.run_dir) / "eval.jsonl", recipe.phase), recipe.run_name,
+                    torch.bfloat16 if bf16 else None)
+
+
 def _callbacks(recipe: Recipe, save_folder: Path, restore_rng: RestoreRngMidEpoch,
-               exporter: ExportCheckpoints | None) -> list[Callback]:
+               exporter: ExportCheckpoints | None, evaluate: Evaluate | None) -> list[Callback]:
     run_dir = Path(recipe.run_dir)
     callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
                                  Ledger(run_dir / "ledger.jsonl", recipe.phase, recipe.logging.console_interval)]
+    callbacks += [evaluate] if evaluate else []  # after the step's console line, before its checkpoint
     callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))

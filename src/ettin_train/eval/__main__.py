@@ -1,0 +1,5 @@
+import sys
+
+from ettin_train.eval.cli import main
+
+sys.exit(main())

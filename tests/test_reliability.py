@@ -148,19 +148,16 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-def test_nan_on_two_processes_stops_both_ranks_before_the_step(tiny_data, tmp_path, monkeypatch):
+def test_nan_on_two_processes_stops_both_ranks_before_the_step(tiny_data, tmp_path):
     """Through the Composer launcher on gloo: the ranks agree on the bad step (one all-reduced flag), both
     exit, and the checkpoint before it is the newest and loads."""
-    import shutil
-    import sys
-
-    from tests.conftest import run_train
+    from tests.conftest import ROOT, composer_launcher, run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_data, tmp_path / "run", train={"max_duration": "6ba"},
                                                            checkpoint={"interval": "2ba"}))
-    composer = shutil.which("composer", path=str(Path(sys.executable).parent))
-    monkeypatch.setenv("ETTIN_FAULT", "nan@3")
-    proc = run_train(str(recipe), launcher=[composer, "-n", "2", "--master_port", "29741"], check=False)
+    # tests/faults.py is train.py with the fault injector among the callbacks
+    proc = run_train("nan@3", str(recipe), launcher=composer_launcher(), check=False,
+                     script=ROOT / "tests" / "faults.py")
     assert proc.returncode != 0
     assert "at step 3" in proc.stderr and "ep0-ba2-rank0.pt" in proc.stderr, proc.stderr[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"

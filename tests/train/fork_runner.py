@@ -1,9 +1,9 @@
 """Runs train.py many times without paying its 8-second import each time: imports once, then forks one
 child per attempt, each a real process that trains, writes checkpoints and can be SIGKILLed.
 
-    python tests/fork_runner.py     (then one JSON attempt per line on stdin, one JSON result per line out)
+    python tests/train/fork_runner.py     (then one JSON attempt per line on stdin, one JSON result per line out)
 
-An attempt is {"args": [train.py arguments], "fault": tests/faults.py points or "", "kill_after": seconds or null,
+An attempt is {"args": [train.py arguments], "fault": tests/train/faults.py points or "", "kill_after": seconds or null,
 "log": path};
 its result {"rc": exit status, "signal": the signal that ended it or null}. The test decides each
 attempt after reading the folder the previous one left.
@@ -27,7 +27,7 @@ class Runner:
     def __init__(self, logs: Path, tmpdir: Path):
         # Its own TMPDIR: streaming's lock files of these runs, apart from other test sessions on the machine.
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmpdir))
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__))], cwd=Path(__file__).resolve().parent.parent, env=env,
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__))], cwd=Path(__file__).resolve().parents[2], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
         self.logs, self.tmpdir, self.n = logs, tmpdir, 0
@@ -55,7 +55,7 @@ def attempt(args: list[str], fault: str, kill_after: float | None, log: str) -> 
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        from tests.faults import train_with_faults
+        from tests.train.faults import train_with_faults
 
         sys.exit(train_with_faults(fault, args))  # unwinds and exits as train.py would, running the atexit handlers
     deadline = None if kill_after is None else time.monotonic() + kill_after
@@ -71,9 +71,9 @@ def attempt(args: list[str], fault: str, kill_after: float | None, log: str) -> 
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.faults
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.train.faults
     import ettin_train.train.run  # noqa: F401  (the heavy imports: torch, composer, transformers)
-    import tests.faults  # noqa: F401
+    import tests.train.faults  # noqa: F401
 
     print("ready", flush=True)
     for line in sys.stdin:

@@ -2,7 +2,7 @@
 installed by the tests into a real run (train.py never installs it, and no environment variable does).
 
     FaultInjector("write@4,nan@6")           # the callback, for run(recipe, extra_callbacks=[...])
-    python tests/faults.py FAULTS RECIPE.yaml [overrides]   # train.py with the faults (e.g. under `composer -n 2`)
+    python tests/train/faults.py FAULTS RECIPE.yaml [overrides]   # train.py with the faults (e.g. under `composer -n 2`)
 
 Points: `write@N` truncates step N's `.partial.pt` to half and SIGKILLs (a kill inside `torch.save`);
 `rename@N`, `marker@N`, `link@N` SIGKILL after that stage of the checkpoint write; `backward@N` after step

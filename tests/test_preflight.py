@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_recipe, write_published, write_recipe
-from tests.fork_runner import Runner
+from tests.train.fork_runner import Runner
 
 pytestmark = pytest.mark.slow
 

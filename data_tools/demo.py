@@ -1,15 +1,21 @@
-"""The offline demo (`make demo`): a tiny Ettin encoder and decoder through all three phases on the CPU.
+"""The offline demo (`make demo`): the journey of a user, with a tiny Ettin encoder and decoder on the CPU.
 
-1. Builds a corpus from the docstrings of the installed Python standard library, trains a small
-   byte-level BPE tokenizer with the ModernBERT special tokens, and writes MDS shards
-   (128-token pieces for pre-training, 512-token pieces for extension and decay).
-2. Runs `train.py` on yamls/demo/{encoder,decoder}/{pretrain,extension,decay}.yaml in order; each
-   later phase starts from the previous phase's run folder (its `init.checkpoint`), as a real run does.
-3. Prints where the checkpoints are, and fill-mask and generation samples from the final models.
+1. Data: a corpus from the docstrings of the installed Python standard library, a small byte-level BPE
+   tokenizer with the ModernBERT special tokens, MDS shards (128-token pieces for pre-training, 512-token
+   pieces for extension and decay).
+2. Training: `train.py` on yamls/demo/{encoder,decoder}/{pretrain,extension,decay}.yaml in order; each later
+   phase starts from the previous phase's run folder (its `init.checkpoint`), as a real run does.
+3. An interrupted run: the encoder's pre-training first stops half-way (`train.stop_after`, as a preempted job
+   ends with a checkpoint), and the same command run again resumes it from that checkpoint to the end.
+4. Export: `ettin-export` turns every checkpoint of every phase into a commit of a git repository per model,
+   tagged step{N}, ext{N} and decay{N} (demo_runs/hf/{encoder,decoder}).
+5. Use: the final decay tag of each repository is cloned and loaded with transformers' AutoModelForMaskedLM /
+   AutoModelForCausalLM and AutoTokenizer from that folder alone; fill-mask and generation are printed.
 
-    python data_tools/demo.py            # everything (about 10 minutes on 2 cores)
-    python data_tools/demo.py --samples  # only the samples, from existing runs
-Runs are resumable: finished phases are skipped, an interrupted phase resumes from its checkpoint.
+    python data_tools/demo.py            # everything (measured time in the README)
+    python data_tools/demo.py --samples  # only steps 4 and 5, from existing runs
+Runs are resumable: finished phases are skipped, an interrupted phase resumes from its checkpoint, and
+checkpoints already exported are reported as such.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo_runs"
 PHASES = ("pretrain", "extension", "decay")
+OBJECTIVES = {"encoder": "AutoModelForMaskedLM", "decoder": "AutoModelForCausalLM"}
+INTERRUPT_AT = "300_000tok"  # half of the demo encoder's 600_000-token pre-training
 PROMPTS = ("Return the number of [MASK] in the list.", "Raise ValueError if the [MASK] is not found.")
 GENERATE = ("Return a new", "This module provides")
 
@@ -41,66 +49,111 @@ def prepare_data() -> None:
     print(f"demo data: tokenizer and MDS shards in {data} ({counts['short']} + {counts['long']} samples, {time.time() - t:.0f}s)")
 
 
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+
+
 def train_all() -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
-    for objective in ("encoder", "decoder"):
+    for objective in OBJECTIVES:
         for phase in PHASES:
             recipe = f"yamls/demo/{objective}/{phase}.yaml"
-            print(f"\n=== {objective} / {phase}: python train.py {recipe}", flush=True)
-            subprocess.run([sys.executable, "train.py", recipe], cwd=ROOT, env=env, check=True)
+            if objective == "encoder" and phase == "pretrain" and not (OUT / objective / phase / "checkpoints").exists():
+                print(f"\n=== {objective} / {phase}, interrupted: python train.py {recipe} train.stop_after={INTERRUPT_AT}",
+                      flush=True)
+                subprocess.run([sys.executable, "train.py", recipe, f"train.stop_after={INTERRUPT_AT}"], cwd=ROOT,
+                               env=_env(), check=True)
+                print(f"\n=== {objective} / {phase}, the same command again: it resumes from the checkpoint above", flush=True)
+            else:
+                print(f"\n=== {objective} / {phase}: python train.py {recipe}", flush=True)
+            subprocess.run([sys.executable, "train.py", recipe], cwd=ROOT, env=_env(), check=True)
 
 
-def samples() -> None:
+def export_all() -> dict[str, Path]:
+    """Every phase's checkpoints into one tagged git repository per model; returns the repositories."""
+    repos = {}
+    for objective in OBJECTIVES:
+        repos[objective] = OUT / "hf" / objective
+        for phase in PHASES:
+            run = OUT / objective / phase
+            print(f"\n=== export {objective} / {phase}: ettin-export {run.relative_to(ROOT)} --out "
+                  f"{repos[objective].relative_to(ROOT)}", flush=True)
+            subprocess.run([sys.executable, "-m", "ettin_train.export", str(run), "--out", str(repos[objective])],
+                           cwd=ROOT, env=_env(), check=True)
+        tags = _git(repos[objective], "tag", "--sort=creatordate").split()
+        print(f"{repos[objective].relative_to(ROOT)} tags: {' '.join(tags)}")
+    return repos
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+def checkout_tag(repo: Path, prefix: str) -> tuple[str, Path]:
+    """The newest tag starting with `prefix`, cloned into its own folder (transformers reads a local folder as it
+    is, so a revision of a local repository is a checkout)."""
+    tag = [t for t in _git(repo, "tag", "--sort=creatordate").split() if t.startswith(prefix)][-1]
+    folder = OUT / "hf" / f"{repo.name}-{tag}"
+    if not folder.exists():
+        subprocess.run(["git", "-c", "advice.detachedHead=false", "clone", "--quiet", "--branch", tag, str(repo), str(folder)],
+                       check=True)
+    return tag, folder
+
+
+def samples(repos: dict[str, Path]) -> None:
     import torch
+    import transformers
     from transformers import AutoTokenizer
 
-    from ettin_train.checkpoint import find_checkpoint, load_checkpoint, model_state_dict
-    from ettin_train.config import load_recipe
-    from ettin_train.model import EttinModel
+    print()
+    loaded = {}
+    for objective, auto in OBJECTIVES.items():
+        tag, folder = checkout_tag(repos[objective], "decay")
+        model = getattr(transformers, auto).from_pretrained(str(folder)).eval()
+        if getattr(model.config, "ettin_note", None):  # the export's README: the decoder's local RoPE theta
+            from ettin_train.checkpoint.hf import patch_decoder_local_rope
 
-    tok = AutoTokenizer.from_pretrained(str(OUT / "data" / "tokenizer"))
-    models = {}
-    for objective in ("encoder", "decoder"):
-        recipe, _ = load_recipe(ROOT / "yamls" / "demo" / objective / "decay.yaml")
-        model = EttinModel(recipe.model).eval()
-        path = find_checkpoint(ROOT / recipe.run_dir)
-        model.load_state_dict(model_state_dict(load_checkpoint(path)))
-        models[objective] = model
-        print(f"{objective}: final checkpoint {path.relative_to(ROOT)}")
+            patch_decoder_local_rope(model)
+        loaded[objective] = model, AutoTokenizer.from_pretrained(str(folder))
+        print(f"{objective}: tag {tag} of {repos[objective].relative_to(ROOT)}, loaded with transformers.{auto} "
+              f"({type(model).__name__}) from {folder.relative_to(ROOT)}")
 
-    print("\nfill-mask (encoder):")
+    model, tok = loaded["encoder"]
+    print("\nfill-mask (encoder, transformers pipeline):")
+    fill = transformers.pipeline("fill-mask", model=model, tokenizer=tok, top_k=5)
     for text in PROMPTS:
-        enc = tok(text, return_tensors="pt")
-        with torch.no_grad():
-            logits = models["encoder"](enc["input_ids"], enc["attention_mask"])
-        where = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
-        top = logits[0, where].topk(5).indices.tolist()
-        print(f"  {text!r} -> {[tok.decode([t]).strip() for t in top]}")
+        print(f"  {text!r} -> {[c['token_str'].strip() for c in fill(text)]}")
 
-    print("\ngeneration (decoder, greedy):")
+    model, tok = loaded["decoder"]
+    print("\ngeneration (decoder, greedy, model.generate):")
     for text in GENERATE:
-        ids = [tok.cls_token_id] + tok(text, add_special_tokens=False)["input_ids"]
-        for _ in range(16):
-            with torch.no_grad():
-                nxt = int(models["decoder"](torch.tensor([ids]))[0, -1].argmax())
-            if nxt == tok.sep_token_id:
-                break
-            ids.append(nxt)
-        print(f"  {text!r} -> {tok.decode(ids[1:])!r}")
+        ids = torch.tensor([[tok.cls_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                 eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+        print(f"  {text!r} -> {tok.decode(out[0, 1:], skip_special_tokens=True)!r}")
+
+    # ---- EVAL TABLE --------------------------------------------------------------------------------------
+    # The evaluation of the exported tags (`ettin-eval`, built in another issue) prints its table here.
+    print("\neval table: (ettin-eval not built yet; its table of the exported tags goes here)")
+    # ------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", action="store_true", help="only print samples from the existing final checkpoints")
-    args = parser.parse_args()
+    parser.add_argument("--samples", action="store_true", help="only export and print samples from the existing runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     os.chdir(ROOT)
     start = time.time()
     if not args.samples:
         prepare_data()
         train_all()
-    print()
-    samples()
-    print(f"\ndemo finished in {time.time() - start:.0f}s; runs, checkpoints and recipes copies are in {OUT}/")
+    samples(export_all())
+    print(f"\ndemo finished in {time.time() - start:.0f}s; runs, checkpoints, recipe copies and the exported "
+          f"repositories are in {OUT}/")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tokenizer and MDS shards built on the spot (no download), and tiny recipes."""
+"""Shared fixtures and helpers: a tokenizer and MDS shards built on the spot (no download), tiny recipes, runs of
+train.py, free ports, and published-format batch orders. Test files import helpers from here only."""
 
 from __future__ import annotations
 
@@ -69,16 +70,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def composer_launcher(processes: int = 2) -> list[str]:
+    """Composer's launcher for `processes` local ranks, on a port free now: call it once per launch."""
+    return [str(Path(sys.executable).parent / "composer"), "-n", str(processes), "--master_port", str(free_port())]
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Runs train.py in a fresh process, as a user would."""
+def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600, check: bool = True,
+              script: Path = ROOT / "train.py") -> subprocess.CompletedProcess:
+    """Runs train.py (or another entry `script`) in a fresh process, as a user would."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *args]
+    cmd = (launcher or [sys.executable]) + [str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+# The published batch order's format (data/order.py): the pad id and vocabulary of the tests' orders.
+ORDER_PAD, ORDER_VOCAB = 3, 512
+REPLAY_WIDTH, REPLAY_STEPS = 32, 8
+
+
+def write_published(path: Path, steps: dict, first: int, last: int, width: int) -> Path:
+    """One file in the published format: list<uint16> input_ids right-padded with ORDER_PAD, uint64 step,
+    schema metadata sequence_length. `steps` maps a step to its rows (int arrays without padding)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, step_col = [], []
+    for s in range(first, last + 1):
+        for r in steps[s]:
+            rows.append(np.concatenate([r, np.full(width - len(r), ORDER_PAD)]).astype(np.uint16).tolist())
+            step_col.append(s)
+    table = pa.Table.from_arrays([pa.array(rows, type=pa.list_(pa.uint16())), pa.array(step_col, type=pa.uint64())],
+                                 names=["input_ids", "step"])
+    table = table.replace_schema_metadata({b"sequence_length": str(width).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd")
+    return path
+
+
+@pytest.fixture(scope="module")
+def order(tmp_path_factory) -> Path:
+    """A published-format order of one pre-training phase, imported: framed rows, batch sizes 2 and 4 per step."""
+    import numpy as np
+
+    from ettin_train.data.order import validate_and_import
+
+    root = tmp_path_factory.mktemp("order")
+    rng = np.random.default_rng(7)
+    steps = {k: [np.concatenate(([1], rng.integers(5, 512, int(rng.integers(3, REPLAY_WIDTH - 2))), [2]))
+                 for _ in range(2 if k % 2 else 4)] for k in range(1, REPLAY_STEPS + 3)}
+    write_published(root / "published" / "checkpoint_000001" / "steps_000001_to_000006.parquet", steps, 1, 6, REPLAY_WIDTH)
+    write_published(root / "published" / "checkpoint_000001" / "steps_000007_to_000010.parquet", steps, 7, 10, REPLAY_WIDTH)
+    validate_and_import(root / "published", root / "imported", vocab_size=ORDER_VOCAB, pad_id=ORDER_PAD)
+    return root / "imported"

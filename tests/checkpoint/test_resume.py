@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,7 @@ import torch
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.export import main as export_main
 from tests.checkpoint.original_optimizer import OPTIMI_021_GROUP, TIMESTAMP_KEYS, original_envelope
-from tests.conftest import run_train, tiny_recipe, write_recipe
-from tests.data.test_replay import STEPS as REPLAY_STEPS
-from tests.data.test_replay import WIDTH as REPLAY_WIDTH
-from tests.data.test_replay import order  # noqa: F401 - the published-format order fixture
+from tests.conftest import REPLAY_STEPS, REPLAY_WIDTH, composer_launcher, run_train, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -167,8 +163,7 @@ def test_a_two_process_checkpoint_exports_as_a_one_process_one(tiny_data, tmp_pa
     run_train(str(write_recipe(tmp_path / "one.yaml", tiny_recipe(tiny_data, tmp_path / "one", **common))))
     # the 2-process run exports while it trains; every_checkpoint false: only its final checkpoint
     two = tiny_recipe(tiny_data, tmp_path / "two", **common, export={"repo": str(tmp_path / "hf-two"), "every_checkpoint": False})
-    composer = Path(sys.executable).parent / "composer"
-    run_train(str(write_recipe(tmp_path / "two.yaml", two)), launcher=[str(composer), "-n", "2", "--master_port", "29733"])
+    run_train(str(write_recipe(tmp_path / "two.yaml", two)), launcher=composer_launcher())
     assert export_main([str(tmp_path / "one" / "checkpoints" / "ep0-ba2-rank0.pt"), "--out", str(tmp_path / "hf-one")]) == 0
 
     assert _tags(tmp_path / "hf-one") == _tags(tmp_path / "hf-two") == ["step2"]

@@ -20,9 +20,9 @@ from ettin_train.data.order import (
     rows_sha256,
     validate_and_import,
 )
-from tests.conftest import ROOT
-
-PAD, VOCAB = 3, 512
+from tests.conftest import ORDER_PAD as PAD
+from tests.conftest import ORDER_VOCAB as VOCAB
+from tests.conftest import ROOT, write_published
 
 
 def make_steps(n_steps: int, rng: np.random.Generator, width: int, sizes=(2, 3, 5)) -> dict[int, list[np.ndarray]]:
@@ -32,22 +32,6 @@ def make_steps(n_steps: int, rng: np.random.Generator, width: int, sizes=(2, 3, 
         b = sizes[(step - 1) % len(sizes)] if step > 2 else 1  # warmup: tiny first batches
         out[step] = [rng.integers(5, VOCAB, size=int(rng.integers(1, width + 1))).astype(np.int64) for _ in range(b)]
     return out
-
-
-def write_published(path: Path, steps: dict[int, list[np.ndarray]], first: int, last: int, width: int) -> Path:
-    """One file in the published format: list<uint16> input_ids right-padded with PAD, uint64 step,
-    schema metadata sequence_length."""
-    rows, step_col = [], []
-    for s in range(first, last + 1):
-        for r in steps[s]:
-            rows.append(np.concatenate([r, np.full(width - len(r), PAD)]).astype(np.uint16).tolist())
-            step_col.append(s)
-    table = pa.Table.from_arrays([pa.array(rows, type=pa.list_(pa.uint16())), pa.array(step_col, type=pa.uint64())],
-                                 names=["input_ids", "step"])
-    table = table.replace_schema_metadata({b"sequence_length": str(width).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
-    return path
 
 
 def published_order(root: Path, layout: dict[str, list[tuple[int, int]]], width: int = 16, seed: int = 0):
@@ -100,6 +84,8 @@ def test_import_round_trips_every_step(tmp_path):
             assert rows_sha256(padded, pad_id=PAD) == independent_sha(rows)
     # batch sizes vary, and the order spans several shards
     assert len({order.batch_size("pretrain", s) for s in range(1, 21)}) > 1
+    for phase, steps in expected.items():  # all of a phase's sizes at once, as the published order has them
+        assert order.batch_sizes(phase).tolist() == [len(steps[s]) for s in sorted(steps)]
     assert len(json.loads((tmp_path / "imported" / "pretrain" / "index.json").read_text())["shards"]) > 3
 
 

@@ -4,8 +4,6 @@ the same global batches on 1 and 2 processes and across a resume, and a resume t
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from ettin_train.data.permuted import (
 )
 from ettin_train.data.replay import mask_key
 from ettin_train.objectives import SpecialTokens
-from tests.conftest import run_train, tiny_recipe, write_recipe
+from tests.conftest import composer_launcher, run_train, tiny_recipe, write_recipe
 
 SEED, B = 21, 8
 
@@ -162,10 +160,8 @@ def test_one_and_two_processes_stopped_and_resumed_train_on_the_same_mixed_batch
     one = _ledger(tmp_path / "one")
     assert [line["step"] for line in one] == [line["data_step"] for line in one] == list(range(1, 9))
 
-    composer = shutil.which("composer", path=str(Path(sys.executable).parent))
-    launcher = [composer, "-n", "2", "--master_port", "29735"]
-    run_train(str(recipe("two")), "train.stop_after=3ba", launcher=launcher)
-    resumed = run_train(str(recipe("two")), launcher=launcher)
+    run_train(str(recipe("two")), "train.stop_after=3ba", launcher=composer_launcher())
+    resumed = run_train(str(recipe("two")), launcher=composer_launcher())
     assert "resuming from" in resumed.stdout
     assert _ledger(tmp_path / "two") == one  # same rows, same masks, every step once
 
@@ -188,8 +184,7 @@ def test_one_and_two_processes_stopped_and_resumed_train_on_the_same_mixed_batch
 @pytest.mark.slow
 def test_a_global_batch_the_ranks_cannot_share_is_refused_before_the_run(tiny_data, tmp_path):
     r = write_recipe(tmp_path / "odd.yaml", tiny_recipe(tiny_data, tmp_path / "odd", train={"global_batch": 7}))
-    composer = shutil.which("composer", path=str(Path(sys.executable).parent))
-    proc = run_train(str(r), launcher=[composer, "-n", "2", "--master_port", "29737"], check=False)
+    proc = run_train(str(r), launcher=composer_launcher(), check=False)
     assert proc.returncode != 0
     assert "error: train.global_batch 7 is not divisible by the world size 2" in proc.stderr
     assert not (tmp_path / "odd").exists()

@@ -4,34 +4,18 @@ masks, on 1 or 2 processes and across a resume; ledger.jsonl proves it step by s
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
-from ettin_train.data.order import OrderIndex, validate_and_import
-from tests.conftest import run_train, tiny_recipe, write_recipe
-from tests.data.test_order import write_published
+from ettin_train.data.order import OrderIndex
+from tests.conftest import REPLAY_STEPS as STEPS
+from tests.conftest import REPLAY_WIDTH as WIDTH
+from tests.conftest import composer_launcher, run_train, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
-WIDTH, STEPS = 32, 8
-
-
-@pytest.fixture(scope="module")
-def order(tmp_path_factory) -> Path:
-    """A published-format order of one pre-training phase: framed rows, batch sizes 2 and 4 per step."""
-    root = tmp_path_factory.mktemp("order")
-    rng = np.random.default_rng(7)
-    steps = {k: [np.concatenate(([1], rng.integers(5, 512, int(rng.integers(3, WIDTH - 2))), [2]))
-                 for _ in range(2 if k % 2 else 4)] for k in range(1, STEPS + 3)}
-    write_published(root / "published" / "checkpoint_000001" / "steps_000001_to_000006.parquet", steps, 1, 6, WIDTH)
-    write_published(root / "published" / "checkpoint_000001" / "steps_000007_to_000010.parquet", steps, 7, 10, WIDTH)
-    validate_and_import(root / "published", root / "imported", vocab_size=512, pad_id=3)
-    return root / "imported"
 
 
 def _ledger(run_dir: Path) -> list[dict]:
@@ -63,9 +47,7 @@ def test_replay_is_exact_across_resume_and_world_sizes(tiny_data, order, tmp_pat
     a, b = final(tmp_path / "whole"), final(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    composer = shutil.which("composer", path=str(Path(sys.executable).parent))
-    launcher = [composer, "-n", "2", "--master_port", "29733"]
-    run_train(str(recipe("ddp")), launcher=launcher)
+    run_train(str(recipe("ddp")), launcher=composer_launcher())
     two = _ledger(tmp_path / "ddp")
     digests = lambda ledger: [(x["rows_sha256"], x["inputs_sha256"]) for x in ledger]  # noqa: E731
     assert digests(two) == digests(whole)

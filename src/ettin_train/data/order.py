@@ -404,6 +404,10 @@ class OrderIndex:
         """Number of steps in the phase; steps are 1..steps(phase)."""
         return len(self._table(phase))
 
+    def batch_sizes(self, phase: str) -> np.ndarray:
+        """The global batch size of every step of the phase, steps 1..steps(phase) in order (int64)."""
+        return self._table(phase)[:, 1].astype(np.int64)
+
     def _entry(self, phase: str, step: int) -> tuple[int, int]:
         table = self._table(phase)
         if not 1 <= step <= len(table):

@@ -31,7 +31,7 @@ class ReplayBatches(IterableDataset):
         self.order_dir, self.phase, self.rank, self.world = order_dir, phase, rank, world
         self.seq_len, self.collate = seq_len, collate
         self.start_step = 1
-        sizes = self.index._table(phase)[:, 1].astype(np.int64)
+        sizes = self.index.batch_sizes(phase)
         self.samples_before = np.concatenate(([0], np.cumsum(sizes)))  # global samples consumed before step k+1
 
     def __len__(self) -> int:  # the phase's steps (one epoch), as StreamingDataset reports its whole epoch

@@ -10,9 +10,9 @@ import collections
 import math
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from composer import Callback, State
@@ -24,24 +24,6 @@ from ettin_train.checkpoint.digest import file_sha256, write_marker
 from ettin_train.checkpoint.run_folder import MARKER, atomic_symlink, checkpoint_bytes, fsync
 from ettin_train.train import shims
 from ettin_train.train.module import composer_time
-
-# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[/rank<R>][,...]", e.g. "write@4" (die half-way through
-# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9";
-# "hang@5" (SIGSTOP after step 5's backward: a process that hangs instead of exiting); "/rank1" limits a fault to
-# that process (one rank lost).
-FAULT_ENV = "ETTIN_FAULT"
-
-
-def _fault(point: str, step: int) -> bool:
-    faults = os.environ.get(FAULT_ENV, "").split(",")
-    return f"{point}@{step}" in faults or f"{point}@{step}/rank{os.environ.get('RANK', '0')}" in faults
-
-
-def _die_if(point: str, step: int) -> None:
-    if _fault(point, step):
-        print(f"fault: SIGKILL of rank {os.environ.get('RANK', '0')} at {point}@{step}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 class StopRun(Exception):
     """Ends a run with one line for the user: a NaN or infinite loss or gradient (`train.nonfinite:
@@ -61,6 +43,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.min_free_bytes = min_free_bytes
         self.last_complete: str | None = None
         self.estimate = 0
+        # Called as on_stage(stage, step, path) after each stage of a write ("written": the .partial.pt is on
+        # disk; "renamed", "marked", "linked"). Only the tests' fault injector (tests/faults.py) sets it.
+        self.on_stage: Callable[[str, int, str], None] | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
         super().fit_start(state, logger)
@@ -88,19 +73,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if saved is None:  # ranks other than 0 write nothing; rank 0 renames and marks it next
             self.last_complete = final
             return
-        if _fault("write", step):  # as if killed half-way through torch.save
-            os.truncate(partial, os.path.getsize(partial) // 2)
-            _die_if("write", step)
+        self._stage("written", step, partial)
         fsync(partial)
         os.replace(partial, final)
         fsync(os.path.dirname(final), directory=True)
-        _die_if("rename", step)
+        self._stage("renamed", step, final)
         # the sha256 of the bytes as they were written (shims.digest_checkpoint_writes), else read back once
         write_marker(final, step, shims.written_digest(partial) or file_sha256(final))
-        _die_if("marker", step)
+        self._stage("marked", step, final)
         atomic_symlink(os.path.basename(final), Path(self.latest_filename.format(state)))
         fsync(os.path.dirname(final), directory=True)
-        _die_if("link", step)
+        self._stage("linked", step, final)
         self.last_complete = final
         self.saved_checkpoints.append(final)
         if self.num_checkpoints_to_keep > 0:
@@ -108,6 +91,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 old = self.saved_checkpoints.pop(0)
                 Path(old + MARKER).unlink(missing_ok=True)  # unmark first: a half-deleted one is never picked
                 os.remove(old)
+
+    def _stage(self, stage: str, step: int, path: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(stage, step, path)
 
     def _no_room(self, final: str, step: int) -> str | None:
         previous = os.path.getsize(self.last_complete) if self.last_complete and os.path.exists(self.last_complete) else 0
@@ -143,12 +130,6 @@ class NonFiniteGuard(Callback):
 
             guarded._wrapped_by_lr_sched = True  # it calls the scheduler's wrapper: torch need not warn
             optimizer.step = guarded
-
-    def after_loss(self, state: State, logger: Logger) -> None:
-        if _fault("nan", state.timestamp.batch.value + 1):
-            state.loss = state.loss * float("nan")
-        if _fault("spike", state.timestamp.batch.value + 1):
-            state.loss = state.loss * 8.0
 
     def _guarded(self, state: State, logger: Logger, step, closure):
         loss = None
@@ -218,25 +199,8 @@ class SpikeMonitor(Callback):
 
 def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
     """The callbacks run() appends: the atomic saver (Composer then uses it instead of its own), the
-    non-finite guard, the spike monitor, and the test-only kill hook when ETTIN_FAULT asks for it."""
+    non-finite guard and the spike monitor."""
     rel = recipe.reliability
     saver = AtomicCheckpointSaver(str(save_folder), composer_time(recipe.checkpoint.interval), recipe.checkpoint.keep,
                                   min_free_bytes=int(rel.min_free_gb * 2**30))
-    callbacks = [saver, NonFiniteGuard(rel.nonfinite, rel.nonfinite_max_skips, saver), SpikeMonitor(rel.spike_window, rel.spike_zscore)]
-    kill = fault_kills_in_training()
-    return callbacks + ([kill] if kill else [])
-
-
-def fault_kills_in_training() -> Callback | None:
-    """The test hooks `ETTIN_FAULT=backward@N` and `hang@N`: SIGKILL or SIGSTOP after step N's backward, before
-    its optimizer step."""
-    if "backward@" not in os.environ.get(FAULT_ENV, "") and "hang@" not in os.environ.get(FAULT_ENV, ""):
-        return None
-
-    class _Kill(Callback):
-        def after_backward(self, state: State, logger: Logger) -> None:
-            _die_if("backward", state.timestamp.batch.value + 1)
-            if _fault("hang", state.timestamp.batch.value + 1):
-                os.kill(os.getpid(), signal.SIGSTOP)
-
-    return _Kill()
+    return [saver, NonFiniteGuard(rel.nonfinite, rel.nonfinite_max_skips, saver), SpikeMonitor(rel.spike_window, rel.spike_zscore)]

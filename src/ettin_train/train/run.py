@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import yaml
@@ -40,7 +41,9 @@ from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt
                                      route_checkpoint_loads)
 
 
-def run(recipe: Recipe) -> None:
+def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
+    """Train `recipe`. `extra_callbacks` go after the run's own (train.py passes none; the tests' fault injector
+    comes in this way)."""
     device, world = _start_processes(recipe)
     on_gpu = isinstance(device, DeviceGPU)
     tokens = _special_tokens(recipe)
@@ -64,7 +67,7 @@ def run(recipe: Recipe) -> None:
     restore_rng = RestoreRngMidEpoch()
     exporter = ExportCheckpoints(CheckpointExporter(recipe.export.repo, recipe.run_name), recipe.export.every_checkpoint) \
         if recipe.export.repo else None
-    callbacks = _callbacks(recipe, save_folder, restore_rng, exporter, evaluate)
+    callbacks = _callbacks(recipe, save_folder, restore_rng, exporter, evaluate) + list(extra_callbacks)
     # Both loaders (replayed order, own data) seek from a sample count, so a checkpoint without a data position
     # (the original runs') continues at its step without re-reading the epoch.
     layout = resume.CurrentLayout(ParamLayout.of(model, optimizer), data_position=lambda n: dataset.state_dict(n, True))
@@ -202,7 +205,7 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
         if max_unit == "ba" and max_value > steps:
             sys.exit(f"error: train.max_duration {recipe.train.max_duration} is longer than the order's {steps} steps "
                      f"({recipe.data.order} phase {order_phase})")
-        per_device = int(dataset.index._table(order_phase)[:, 1].max()) // world
+        per_device = int(dataset.index.batch_sizes(order_phase).max()) // world
     else:
         try:  # one global permutation per epoch, whatever the world size (data/permuted.py)
             dataset = PermutedBatches(resolve_sources(recipe.data), seed=recipe.data.shuffle_seed,

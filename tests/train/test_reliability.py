@@ -1,7 +1,7 @@
 """Reliability (issue #8) on real Composer runs: SIGKILL at random points (also inside the checkpoint
 write) and resume to the same weights; NaN losses stop or skip; loss spikes are logged; streaming's
 leftovers and loader workers are gone after a kill. Attempts run as forked children of
-tests/fork_runner.py, so each pays for training, not for importing torch."""
+tests/train/fork_runner.py, so each pays for training, not for importing torch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.checkpoint.run_folder import MARKER
 from tests.conftest import tiny_recipe, write_recipe
-from tests.fork_runner import Runner
+from tests.train.fork_runner import Runner
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_a_killed_run_leaves_no_workers_and_the_next_run_removes_its_shared_memo
     assert result["signal"] == 9, log
     runner_pid = str(runner.proc.pid)
     orphans = lambda: [p for p in os.listdir("/proc") if p.isdigit() and p != runner_pid  # noqa: E731
-                       and _cmdline(p).endswith("tests/fork_runner.py")]
+                       and _cmdline(p).endswith("tests/train/fork_runner.py")]
     deadline = time.monotonic() + 30
     while orphans() and time.monotonic() < deadline:  # loader workers notice their parent's death and exit
         time.sleep(0.5)
@@ -148,19 +148,16 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-def test_nan_on_two_processes_stops_both_ranks_before_the_step(tiny_data, tmp_path, monkeypatch):
+def test_nan_on_two_processes_stops_both_ranks_before_the_step(tiny_data, tmp_path):
     """Through the Composer launcher on gloo: the ranks agree on the bad step (one all-reduced flag), both
     exit, and the checkpoint before it is the newest and loads."""
-    import shutil
-    import sys
-
-    from tests.conftest import run_train
+    from tests.conftest import ROOT, composer_launcher, run_train
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_data, tmp_path / "run", train={"max_duration": "6ba"},
                                                            checkpoint={"interval": "2ba"}))
-    composer = shutil.which("composer", path=str(Path(sys.executable).parent))
-    monkeypatch.setenv("ETTIN_FAULT", "nan@3")
-    proc = run_train(str(recipe), launcher=[composer, "-n", "2", "--master_port", "29741"], check=False)
+    # tests/train/faults.py is train.py with the fault injector among the callbacks
+    proc = run_train("nan@3", str(recipe), launcher=composer_launcher(), check=False,
+                     script=ROOT / "tests" / "train" / "faults.py")
     assert proc.returncode != 0
     assert "at step 3" in proc.stderr and "ep0-ba2-rank0.pt" in proc.stderr, proc.stderr[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"

@@ -31,9 +31,11 @@ LAUNCHER_GRACE_S = 30  # composer.cli.launcher.CLEANUP_TIMEOUT: SIGTERM, then SI
 def launch(recipe: Path, log: Path, *overrides: str, fault: str = "") -> dict:
     """`composer -n 2 train.py RECIPE` as a user runs it; watches rank 1 from outside and returns the exit status,
     the output, and how long the run took to end after rank 1 died or froze (None if it never did)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ETTIN_FAULT=fault)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # train.py itself, or with a fault: tests/train/faults.py (train.py with the test-only fault injector)
+    entry = [str(ROOT / "tests" / "train" / "faults.py"), fault] if fault else [str(ROOT / "train.py")]
     with open(log, "w") as out:
-        proc = subprocess.Popen([COMPOSER, "-n", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
+        proc = subprocess.Popen([COMPOSER, "-n", "2", "--master_port", str(free_port()), *entry,
                                  str(recipe), *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         rank1, lost_at = None, None
         while proc.poll() is None:

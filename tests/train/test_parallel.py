@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
-from tests.conftest import ROOT, free_port, run_train, tiny_recipe, write_recipe
+from tests.conftest import ROOT, composer_launcher, free_port, run_train, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _recipe(data: Path, run_dir: Path, **parallel) -> dict:
 
 
 def _composer(*args: str) -> subprocess.CompletedProcess:
-    return run_train(*args, launcher=[str(BIN / "composer"), "-n", "2", "--master_port", str(free_port())])
+    return run_train(*args, launcher=composer_launcher())
 
 
 @pytest.fixture(scope="module")

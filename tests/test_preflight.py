@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import tiny_recipe, write_recipe
-from tests.data.test_order import write_published
-from tests.fork_runner import Runner
+from tests.conftest import tiny_recipe, write_published, write_recipe
+from tests.train.fork_runner import Runner
 
 pytestmark = pytest.mark.slow
 

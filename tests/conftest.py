@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,13 @@ def tiny_recipe(data_dir: Path, run_dir: Path, objective: str = "mlm", **section
         else:
             recipe[section] = values
     return recipe
+
+
+def free_port() -> int:
+    """A port no one listens on now: fixed ports collide with other test runs on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

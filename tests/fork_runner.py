@@ -72,7 +72,7 @@ def attempt(args: list[str], env: dict, kill_after: float | None, log: str) -> d
 
 if __name__ == "__main__":
     import ettin_train.cli  # noqa: F401
-    import ettin_train.composer_adapter  # noqa: F401  (the heavy imports: torch, composer, transformers)
+    import ettin_train.train.run  # noqa: F401  (the heavy imports: torch, composer, transformers)
 
     print("ready", flush=True)
     for line in sys.stdin:

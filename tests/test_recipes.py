@@ -189,7 +189,8 @@ def test_plot_draws_the_chain_with_recipe_lr_endpoints(tmp_path):
 
 @pytest.mark.parametrize("source,target", [("clm", "mntp"), ("clm", "mlm"), ("mlm", "clm")])
 def test_cross_start_renames_the_head_and_takes_weights_only(tmp_path, source, target):
-    from ettin_train.composer_adapter import build_optimizer, start_phase_from
+    from ettin_train.checkpoint.phase_start import start_phase_from
+    from ettin_train.train.module import build_optimizer
     from tests.conftest import tiny_recipe, write_recipe
 
     def build(objective, **model):

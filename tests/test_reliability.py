@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
-from ettin_train.reliability import MARKER
+from ettin_train.checkpoint.run_folder import MARKER
 from tests.conftest import tiny_recipe, write_recipe
 from tests.fork_runner import Runner
 
@@ -108,11 +108,11 @@ def test_nan_loss_skipped_when_configured_and_spikes_logged(tiny_data, tmp_path,
 
 def _streaming_leftovers(tmpdir: Path) -> set[str]:
     """Streaming's shared memory and lock files that no live process holds: what a killed run leaves."""
-    from ettin_train.reliability import _STREAMING_SHM, _paths_in_use
+    from ettin_train.data.streaming_leftovers import STREAMING_SHM, paths_in_use
 
-    found = {str(p) for p in Path("/dev/shm").iterdir() if _STREAMING_SHM.match(p.name)}
-    found |= {str(p) for p in tmpdir.iterdir() if _STREAMING_SHM.match(p.name) and p.name.endswith("filelock")}
-    return found - _paths_in_use()
+    found = {str(p) for p in Path("/dev/shm").iterdir() if STREAMING_SHM.match(p.name)}
+    found |= {str(p) for p in tmpdir.iterdir() if STREAMING_SHM.match(p.name) and p.name.endswith("filelock")}
+    return found - paths_in_use()
 
 
 def test_a_killed_run_leaves_no_workers_and_the_next_run_removes_its_shared_memory(tiny_data, tmp_path, runner):

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if done:
         print(done.line())
         return 0
-    from ettin_train.composer_adapter import run
+    from ettin_train.train.run import run
 
     run(recipe)
     return 0

@@ -105,6 +105,7 @@ class ExportFlags:
     rope_theta_local: float | None = None
     sliding_window: int | None = None
     global_attn_every_n_layers: int | None = None
+    trust_pickles: bool = False  # unpickle whole files (checkpoint/safe_load.py), only for files the user trusts
 
 
 # ---------------------------------------------------------------- reading checkpoints
@@ -115,11 +116,18 @@ def _count(value) -> int:
 
 def read_export(path: Path, flags: ExportFlags, log: Callable[[str], None] = print) -> Export:
     """Our model of one checkpoint, with its settings and their sources, and its clock."""
-    from ettin_train.checkpoint import load_checkpoint, model_state_dict
+    from ettin_train.checkpoint import digest, load_checkpoint, model_state_dict
+    from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
     from ettin_train.checkpoint.settings import resolve
     from ettin_train.model import EttinModel
 
-    ckpt = load_checkpoint(path)
+    problem = digest.check(path)  # a file damaged since it was written would export wrong weights silently
+    if problem:
+        raise Refused(f"{problem}: damaged since it was written; not exported")
+    try:
+        ckpt = load_checkpoint(path, trust_pickles=flags.trust_pickles)
+    except UnsafeCheckpointError as e:
+        raise Refused(str(e)) from None
     state = ckpt["state"]
     weights = model_state_dict(ckpt)
     try:
@@ -462,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phase of checkpoints that do not record one (tags step{N}, ext{N}, decay{N})")
     p.add_argument("--tokenizer", help="tokenizer folder or Hub name to copy into the export (default: the checkpoint's)")
     p.add_argument("--push", metavar="REMOTE", help="git push REMOTE main --tags afterwards")
+    p.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle checkpoints whole, also types a Composer checkpoint does not hold (only for files you trust)")
     p.add_argument("--rope-theta-global", type=float, help="global RoPE theta, where the checkpoint records none")
     p.add_argument("--rope-theta-local", type=float, help="local RoPE theta, where the checkpoint records none")
     p.add_argument("--sliding-window", type=int, help="local attention window, where the checkpoint records none")

@@ -5,7 +5,7 @@ An export that fails or is refused is reported loudly on stderr and training goe
 and `ettin-export` can be re-run on it later (exporting is idempotent). The export builds models, which draws from
 the global RNGs; they are restored afterwards so that a run with export trains exactly as one without.
 
-Nothing here imports Composer; `composer_adapter.ExportCheckpoints` calls `CheckpointExporter.export`.
+Nothing here imports Composer; `train.callbacks.ExportCheckpoints` calls `CheckpointExporter.export`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Checks of everything a recipe points at, run once before the Trainer is built, so a bad input stops
 the run with one line (exit status 1) before anything is written: the shards against their index, the
 sequence length, room on the checkpoint disk, and the checkpoint a resume would load. It also repairs
-the checkpoint folder after a crash (reliability.prepare_resume) and removes streaming's leftovers
-from killed runs. The recipe itself was checked when it was loaded (exit status 2)."""
+the checkpoint folder after a crash (checkpoint/run_folder.prepare_resume) and removes streaming's leftovers
+from killed runs. The recipe itself was checked when it was loaded (exit status 2). Nothing it imports imports
+Composer (only src/ettin_train/train/ does)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import torch
 import torch.distributed as tdist
 
 from ettin_train.checkpoint.hf import hf_config
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.config import Recipe, recipe_to_dict
 from ettin_train.data.permuted import resolve_sources
-from ettin_train.reliability import checkpoint_bytes, clean_streaming_leftovers, prepare_resume
+from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
+from ettin_train.data.streaming_leftovers import clean_streaming_leftovers
 
 # What an exported config declares (max_position_embeddings) and so what transformers will accept.
 MAX_POSITIONS = inspect.signature(hf_config).parameters["max_position_embeddings"].default
@@ -65,7 +68,7 @@ def check_inputs(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> N
             if source.remote is None:  # remote shards are checked by streaming as it downloads them
                 check_shards(Path(source.local) / (source.split or ""), hashes=rel.verify_shards == "hash",
                              key=f"{source.key}.path")
-    resume_from = prepare_resume(save_folder) if recipe.checkpoint.autoresume else None
+    resume_from = prepare_resume(save_folder, recipe.checkpoint.verify_digest) if recipe.checkpoint.autoresume else None
     if resume_from is not None:
         check_resume_checkpoint(resume_from, recipe)
     check_room(save_folder, checkpoint_bytes(model) + int(rel.min_free_gb * 2**30))
@@ -105,7 +108,9 @@ def check_resume_checkpoint(path: Path, recipe: Recipe) -> None:
     if path.is_dir():  # a sharded checkpoint (a torch.distributed.checkpoint folder): Composer's load checks shapes
         return
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = safe_load(path, trust_pickles=recipe.checkpoint.trust_pickles, mmap=True)
+    except UnsafeCheckpointError as e:
+        raise PreflightError(str(e)) from None
     except Exception as e:  # any unreadable file: say which, not a traceback from deep in Composer
         raise PreflightError(f"checkpoint {path} (the newest complete one in {path.parent}) cannot be read: "
                              f"{type(e).__name__}: {e}".splitlines()[0]) from None

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ettin_train.checkpoint.safe_load import safe_load
+
 # The names Composer gives checkpoints (and latest-rank0.pt, a symlink, is not one of its own).
 CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 SHARDED_NAME = re.compile(r"^ep(\d+)-ba(\d+)$")
@@ -45,11 +47,13 @@ def find_checkpoint(path: str | Path) -> Path:
     return list_checkpoints(path)[-1]
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    # Composer pickles its Timestamp and RNG objects, so this is a full (trusted-file) unpickle.
+def load_checkpoint(path: str | Path, trust_pickles: bool = False) -> dict:
+    """The whole checkpoint `path` names, on the CPU. A file is opened by safe_load (weights-only, refusing types a
+    Composer checkpoint does not hold, unless `trust_pickles`); a sharded folder by torch.distributed.checkpoint,
+    which unpickles its metadata itself (docs/reliability.md: not covered by the allowlist)."""
     path = find_checkpoint(path)
     if not is_sharded(path):
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_load(path, trust_pickles=trust_pickles)
     return _load_sharded(path)
 
 

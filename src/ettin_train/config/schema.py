@@ -113,6 +113,14 @@ class CheckpointConfig:
     # and data position, at the next batch (init.checkpoint instead starts a new phase). Autoresume wins once
     # this run has checkpoints of its own.
     load_path: Optional[str] = None
+    # Checkpoints are opened weights-only: tensors, plain values and the few types Composer writes (timestamps,
+    # numpy's RNG state); a pickle needing anything else is refused, since it could run code. true: unpickle
+    # everything, for a file you trust (checkpoint/safe_load.py).
+    trust_pickles: bool = False
+    # Before resuming, check the newest checkpoint against the sha256 its marker recorded (a damaged one is set
+    # aside and the one before it used). false: check only its size, for huge checkpoints on slow disks, where
+    # reading every byte once more at each start costs minutes.
+    verify_digest: bool = True
 
 
 @dataclass
@@ -194,6 +202,11 @@ class ParallelConfig:
     # reads fastest). sharded (FSDP strategies only): a torch.distributed.checkpoint folder ep{E}-ba{B}/
     # that every rank writes its part of, reloadable on another number of processes.
     checkpoint_format: Literal["full", "sharded"] = "full"
+    # How long a process waits in a collective (an all-reduce, a barrier) for the others before it gives up: what
+    # bounds the end of a run that lost a process which hangs instead of exiting (a frozen node); one that exits
+    # is noticed at once (docs/reliability.md). It must exceed the longest wait of a healthy run: the other ranks
+    # wait while rank 0 writes a checkpoint. Composer's default.
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_format == "sharded" and self.strategy == "ddp":

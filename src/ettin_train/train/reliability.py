@@ -1,26 +1,17 @@
-"""Crash-safe checkpoints, the non-finite loss guard, the loss-spike monitor and streaming's leftovers.
+"""Crash-safe checkpoints, the non-finite loss guard and the loss-spike monitor: Composer's saver and callbacks.
 
-A checkpoint is written as `ep*-ba*-rank0.partial.pt`, flushed to disk, renamed to `NAME` and then marked complete
-by `NAME.complete` (its size and step); only then does `latest-rank0.pt` move to it, by an atomic
-symlink swap. `prepare_resume` runs before every start: it points `latest-rank0.pt` at the newest
-checkpoint whose marker matches, and moves anything newer out of the way (`.partial` files are
-deleted, unmarked ones renamed `.incomplete`), so a run killed at any moment resumes from the last
-complete checkpoint. See docs/reliability.md.
-
-Like composer_adapter.py, this module is on Composer's side of the line: it subclasses Composer's
-saver and callbacks. The checks that need no trainer are in preflight.py.
+The write order that makes a checkpoint atomic, and the repair of the folder before a resume, are described in
+checkpoint/run_folder.py (which needs no Composer); see docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
-import re
 import shutil
 import signal
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
@@ -29,19 +20,26 @@ from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist
 
-MARKER = ".complete"
-_CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
-# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[,...]", e.g. "write@4" (die half-way through
-# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9".
+from ettin_train.checkpoint.digest import file_sha256, write_marker
+from ettin_train.checkpoint.run_folder import MARKER, atomic_symlink, checkpoint_bytes, fsync
+from ettin_train.train import shims
+from ettin_train.train.module import composer_time
+
+# Fault injection for the tests: ETTIN_FAULT="<point>@<step>[/rank<R>][,...]", e.g. "write@4" (die half-way through
+# writing step 4's checkpoint), "rename@4", "marker@4", "link@4", "backward@5", "nan@5", "spike@9";
+# "hang@5" (SIGSTOP after step 5's backward: a process that hangs instead of exiting); "/rank1" limits a fault to
+# that process (one rank lost).
 FAULT_ENV = "ETTIN_FAULT"
 
 
 def _fault(point: str, step: int) -> bool:
-    return f"{point}@{step}" in os.environ.get(FAULT_ENV, "").split(",")
+    faults = os.environ.get(FAULT_ENV, "").split(",")
+    return f"{point}@{step}" in faults or f"{point}@{step}/rank{os.environ.get('RANK', '0')}" in faults
 
 
 def _die_if(point: str, step: int) -> None:
     if _fault(point, step):
+        print(f"fault: SIGKILL of rank {os.environ.get('RANK', '0')} at {point}@{step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -49,67 +47,6 @@ class StopRun(Exception):
     """Ends a run with one line for the user: a NaN or infinite loss or gradient (`train.nonfinite:
     stop`), or no room for the next checkpoint. Not a RuntimeError, which Composer inspects for
     out-of-memory retries."""
-
-
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """What one checkpoint takes on disk: the weights and Adam's two moments, plus 5% for the rest."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(params * 3 * 1.05)
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints in `folder` whose marker exists and names their size, oldest first."""
-    found = []
-    for f in folder.glob("ep*-ba*-rank0.pt"):
-        m, marker = _CHECKPOINT.match(f.name), f.with_name(f.name + MARKER)
-        if m and marker.is_file() and f.is_file():
-            try:
-                ok = json.loads(marker.read_text()).get("bytes") == f.stat().st_size
-            except (ValueError, OSError):
-                ok = False
-            if ok:
-                found.append((int(m.group(2)), f))
-    return [f for _, f in sorted(found)]
-
-
-def prepare_resume(folder: Path) -> Path | None:
-    """Rank 0, before the Trainer is built: make `latest-rank0.pt` name the newest complete checkpoint
-    and move newer, incomplete files aside. A folder without any marker (a run from before markers, or
-    the original Ettin checkpoints) is left as it is. Returns the checkpoint a resume will load."""
-    if not folder.is_dir():
-        return None
-    for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
-        partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
-    complete = complete_checkpoints(folder)
-    if not complete and not list(folder.glob(f"*{MARKER}")):
-        latest = folder / "latest-rank0.pt"
-        return latest if latest.exists() else None
-    newest = complete[-1] if complete else None
-    newest_step = int(_CHECKPOINT.match(newest.name).group(2)) if newest else -1
-    for f in folder.glob("ep*-ba*-rank0.pt"):
-        if f not in complete and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
-            f.rename(f.with_name(f.name + ".incomplete"))  # kept for inspection; Composer would refuse it
-    latest = folder / "latest-rank0.pt"
-    if newest is None:
-        latest.unlink(missing_ok=True)
-    elif not latest.is_symlink() or Path(os.readlink(latest)).name != newest.name:
-        _atomic_symlink(newest.name, latest)
-    return newest
-
-
-def _atomic_symlink(target: str, link: Path) -> None:
-    tmp = link.with_name(link.name + ".new")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _fsync(path: str | Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -154,19 +91,15 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if _fault("write", step):  # as if killed half-way through torch.save
             os.truncate(partial, os.path.getsize(partial) // 2)
             _die_if("write", step)
-        _fsync(partial)
+        fsync(partial)
         os.replace(partial, final)
-        _fsync(os.path.dirname(final), directory=True)
+        fsync(os.path.dirname(final), directory=True)
         _die_if("rename", step)
-        marker = final + MARKER
-        with open(marker + ".partial", "w") as f:
-            json.dump({"step": step, "bytes": os.path.getsize(final)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(marker + ".partial", marker)
+        # the sha256 of the bytes as they were written (shims.digest_checkpoint_writes), else read back once
+        write_marker(final, step, shims.written_digest(partial) or file_sha256(final))
         _die_if("marker", step)
-        _atomic_symlink(os.path.basename(final), Path(self.latest_filename.format(state)))
-        _fsync(os.path.dirname(final), directory=True)
+        atomic_symlink(os.path.basename(final), Path(self.latest_filename.format(state)))
+        fsync(os.path.dirname(final), directory=True)
         _die_if("link", step)
         self.last_complete = final
         self.saved_checkpoints.append(final)
@@ -286,10 +219,8 @@ class SpikeMonitor(Callback):
 def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
     """The callbacks run() appends: the atomic saver (Composer then uses it instead of its own), the
     non-finite guard, the spike monitor, and the test-only kill hook when ETTIN_FAULT asks for it."""
-    from ettin_train.composer_adapter import _composer_time  # imported late: the adapter imports this module
-
     rel = recipe.reliability
-    saver = AtomicCheckpointSaver(str(save_folder), _composer_time(recipe.checkpoint.interval), recipe.checkpoint.keep,
+    saver = AtomicCheckpointSaver(str(save_folder), composer_time(recipe.checkpoint.interval), recipe.checkpoint.keep,
                                   min_free_bytes=int(rel.min_free_gb * 2**30))
     callbacks = [saver, NonFiniteGuard(rel.nonfinite, rel.nonfinite_max_skips, saver), SpikeMonitor(rel.spike_window, rel.spike_zscore)]
     kill = fault_kills_in_training()
@@ -297,51 +228,15 @@ def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
 
 
 def fault_kills_in_training() -> Callback | None:
-    """The test hook `ETTIN_FAULT=backward@N`: SIGKILL after step N's backward, before its optimizer step."""
-    if "backward@" not in os.environ.get(FAULT_ENV, ""):
+    """The test hooks `ETTIN_FAULT=backward@N` and `hang@N`: SIGKILL or SIGSTOP after step N's backward, before
+    its optimizer step."""
+    if "backward@" not in os.environ.get(FAULT_ENV, "") and "hang@" not in os.environ.get(FAULT_ENV, ""):
         return None
 
     class _Kill(Callback):
         def after_backward(self, state: State, logger: Logger) -> None:
             _die_if("backward", state.timestamp.batch.value + 1)
+            if _fault("hang", state.timestamp.batch.value + 1):
+                os.kill(os.getpid(), signal.SIGSTOP)
 
     return _Kill()
-
-
-_STREAMING_SHM = re.compile(r"^\d{6}_")
-
-
-def clean_streaming_leftovers() -> list[str]:
-    """Removes streaming's shared memory (`/dev/shm/NNNNNN_*`) and lock files (`$TMPDIR/NNNNNN_*filelock`)
-    that no live process holds: what a killed run leaves, and the lock files every run leaves (streaming
-    skips a prefix whose lock file exists, so they pile up). A prefix with any entry still open or
-    mapped by a live process (another run on this machine) is left alone. Returns what was removed."""
-    shm, tmp = Path("/dev/shm"), Path(tempfile.gettempdir())
-    entries = [p for p in (shm.iterdir() if shm.is_dir() else []) if _STREAMING_SHM.match(p.name)]
-    entries += [p for p in tmp.iterdir() if _STREAMING_SHM.match(p.name) and p.name.endswith("filelock")]
-    if not entries:
-        return []
-    in_use = _paths_in_use()
-    live_prefixes = {p.name[:6] for p in entries if str(p) in in_use}
-    removed = []
-    for p in entries:
-        if p.name[:6] not in live_prefixes:
-            try:
-                p.unlink()
-            except OSError:  # another user's, or gone already
-                continue
-            removed.append(str(p))
-    return removed
-
-
-def _paths_in_use() -> set[str]:
-    used: set[str] = set()
-    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                used.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            with open(f"/proc/{pid}/maps") as maps:
-                used.update(line.split(None, 5)[5].strip() for line in maps if "/" in line and len(line.split(None, 5)) == 6)
-        except OSError:  # the process ended, or is not ours to read
-            continue
-    return {u.removesuffix(" (deleted)") for u in used}

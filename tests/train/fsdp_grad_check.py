@@ -1,6 +1,6 @@
-"""Run under `torchrun --nproc_per_node 2` on CPU (gloo) by tests/test_parallel.py: one training step of a
-tiny Ettin decoder with DDP's gradient (all-reduced mean) and under FSDP2 (fully_shard per layer, as parallel.prepare wraps it), each
-rank on its own batch. Prints the FSDP/DDP gradient ratio without and with parallel.average_on_gloo(),
+"""Run under `torchrun --nproc_per_node 2` on CPU (gloo) by tests/train/test_shims.py: one training step of a
+tiny Ettin decoder with DDP's gradient (all-reduced mean) and under FSDP2 (fully_shard per layer, as train/parallel.prepare wraps it), each
+rank on its own batch. Prints the FSDP/DDP gradient ratio without and with shims.average_on_gloo(),
 and the largest parameter difference after one StableAdamW step; exits 1 if the patched run differs."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch.distributed as tdist
 from optimi import StableAdamW
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from ettin_train import parallel
 from ettin_train.model import EttinModel, ModelConfig
 from ettin_train.objectives import get_objective
+from ettin_train.train import shims
 
 
 def fsdp_copy(model: EttinModel) -> EttinModel:
@@ -62,7 +62,7 @@ def main() -> int:
         return sharded, grads(sharded)
 
     _, unpatched = fsdp_grads()
-    parallel.average_on_gloo()
+    shims.average_on_gloo()
     sharded, patched = fsdp_grads()
     key = "bert.encoder.layers.1.mlp.Wi.weight"
     ratio_before = float(unpatched[key].norm() / reference[key].norm())

@@ -1,6 +1,6 @@
 """The recipe's `parallel` section turned into Composer's FSDP2 settings, activation checkpointing and
-`torch.compile` of the layers. Like composer_adapter, this module is Composer-facing; it is kept apart
-so that the strategy logic reads in one place.
+`torch.compile` of the layers, so that the strategy logic reads in one place (the workarounds it needs,
+gloo's averaging and the hybrid mesh, are in shims.py).
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`), not FSDP1: Composer 0.32.1's FSDP1 path calls
 `torch.cuda.current_device()` and cannot run on a CPU, so only FSDP2 can be tested here.
@@ -9,7 +9,6 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`), not FSDP1: Composer 0.32.1's FSDP1
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as tdist
@@ -17,30 +16,11 @@ from composer.utils.parallelism import FSDP2Config
 
 from ettin_train.config.schema import ParallelConfig
 from ettin_train.model import EttinModel
-
-
-@dataclass
-class HybridFSDP2Config(FSDP2Config):
-    """FSDP2Config with a replicate dimension. Composer builds the device mesh from
-    `data_parallel_replicate_degree`, which FSDP2Config pins to None (so plain FSDP2Config is never
-    hybrid); a 2-D mesh (replicate, shard) makes fully_shard shard within a group and all-reduce across."""
-
-    replicate_degree: Optional[int] = None
-
-    @property
-    def data_parallel_replicate_degree(self) -> Optional[int]:
-        return self.replicate_degree
+from ettin_train.train.shims import HybridFSDP2Config, average_on_gloo, ddp_activation_checkpointing
 
 
 class ParallelError(ValueError):
     """A parallel setting that does not fit the world this run was launched with."""
-
-
-def adopt_torchrun_env() -> None:
-    """torchrun sets GROUP_RANK where the Composer launcher sets NODE_RANK, which Composer reads (and
-    assumes 0 when unset): with torchrun on several nodes every node would call itself node 0."""
-    if "GROUP_RANK" in os.environ and "NODE_RANK" not in os.environ:
-        os.environ["NODE_RANK"] = os.environ["GROUP_RANK"]
 
 
 def check(cfg: ParallelConfig, world: int, on_gpu: bool) -> None:
@@ -70,14 +50,11 @@ def prepare(cfg: ParallelConfig, model: EttinModel, world: int, device_type: str
     # the tied output projection stay in the root unit, as tied weights must share one unit.
     model.fsdp_wrap_fn = lambda module: any(module is layer for layer in layers)
     model.activation_checkpointing_fn = lambda module: any(module is layer for layer in layers)
-    if cfg.compile:
-        model.compile_layers()
+    if cfg.compile:  # FSDP2's hooks run inside each compiled layer: let dynamo break around them there
+        model.compile_layers(fullgraph=cfg.strategy == "ddp")
     if cfg.strategy == "ddp":
         if cfg.activation_checkpointing:
-            # Composer applies activation checkpointing only with FSDP; for DDP we wrap the layers ourselves.
-            from composer.distributed.activation_checkpointing import apply_ac
-
-            apply_ac(model, True, False, model.activation_checkpointing_fn)
+            ddp_activation_checkpointing(model, model.activation_checkpointing_fn)
         return None
     if device_type == "cpu" and tdist.is_initialized() and tdist.get_backend() == "gloo":
         average_on_gloo()
@@ -98,46 +75,19 @@ def after_wrap(model: EttinModel) -> None:
             register_fsdp_forward_method(model, method)
 
 
-_PATCHED = False
+# What a collective raises when another process of the run is gone: gloo's transport errors (the peer's socket
+# closed because it died, or a timeout because it hangs) and torch.distributed's error classes (NCCL).
+_LOST = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
-def average_on_gloo() -> None:
-    """gloo has no ReduceOp.AVG, and torch 2.7 uses it in two places that FSDP2 on a CPU reaches:
-
-    - FSDP2's gradient reduce-scatter asks for AVG on fp32 gradients; on gloo the result is the SUM, a
-      gradient world-size times DDP's (Adam hides most of it; clipping, SGD and gradient norms do not).
-      For gloo groups the divide factors become a pre-divide of 1 (so FSDP2 reduces with SUM) and a
-      post-divide by the data-parallel size: the mean, as DDP computes it.
-    - A mean over a sharded DTensor (StableAdamW's RMS of a whole parameter) reduces with AVG and fails.
-      On gloo it becomes a SUM divided by the mesh size.
-
-    NCCL groups are untouched. Applied once per process."""
-    global _PATCHED
-    if _PATCHED:
-        return
-    _PATCHED = True
-    import torch.distributed._functional_collectives as funcol
-    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
-    from torch.distributed.tensor.placement_types import Partial
-
-    divide_factors = collectives._get_gradient_divide_factors
-
-    def gloo_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
-        if tdist.get_backend(reduce_scatter_group) != "gloo":
-            return divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
-        size = reduce_scatter_group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1)
-        return 1.0, float(size)
-
-    collectives._get_gradient_divide_factors = gloo_divide_factors
-
-    reduce_value = Partial._reduce_value
-
-    def gloo_reduce_value(self, tensor, mesh, mesh_dim):
-        if self.reduce_op == "avg" and tdist.get_backend(mesh.get_group(mesh_dim)) == "gloo":
-            return funcol.all_reduce(tensor, reduceOp="sum", group=(mesh, mesh_dim)) / mesh.size(mesh_dim)
-        return reduce_value(self, tensor, mesh, mesh_dim)
-
-    Partial._reduce_value = gloo_reduce_value
+def lost_process(error: BaseException, rank: int, last_checkpoint: str | None) -> str | None:
+    """One line for a collective that failed because another process of the run is gone (killed, or hung past
+    parallel.timeout_s), else None (an error of another kind, to be raised as it is)."""
+    if not (isinstance(error, tdist.DistError) or any(s in str(error) for s in _LOST)):
+        return None
+    first = str(error).strip().splitlines()[0][:200]
+    return (f"rank {rank} lost another process of this run ({first}); the launcher names the one that ended first. "
+            f"Last complete checkpoint: {last_checkpoint or 'none'}; run the same command to resume from it")
 
 
 def describe(cfg: ParallelConfig, world: int) -> str:

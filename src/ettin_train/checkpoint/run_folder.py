@@ -17,7 +17,6 @@ max_duration grew is not finished and continues. Nothing here imports Composer.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,10 @@ from pathlib import Path
 import torch
 
 from ettin_train.checkpoint import digest
-from ettin_train.checkpoint.composer_format import LATEST, is_sharded, load_checkpoint
+from ettin_train.checkpoint.composer_format import CHECKPOINT_NAME, LATEST, is_sharded, load_checkpoint
 from ettin_train.checkpoint.digest import MARKER
 from ettin_train.checkpoint.safe_load import safe_load
 from ettin_train.config import Duration, Recipe
-
-_CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -42,7 +39,7 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 def marked_checkpoints(folder: Path) -> list[Path]:
     """Checkpoints in `folder` that have a completion marker, oldest first."""
     found = [(int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt")
-             if (m := _CHECKPOINT.match(f.name)) and f.is_file() and digest.read_marker(f) is not None]
+             if (m := CHECKPOINT_NAME.match(f.name)) and f.is_file() and digest.read_marker(f) is not None]
     return [f for _, f in sorted(found)]
 
 
@@ -70,9 +67,9 @@ def prepare_resume(folder: Path, verify_digest: bool = True) -> Path | None:
         aside = digest.set_aside(f)
         print(f"warning: checkpoint {f.name} is damaged ({problem}); set aside as {aside.name}, "
               "resuming from the checkpoint before it", file=sys.stderr, flush=True)
-    newest_step = int(_CHECKPOINT.match(newest.name).group(2)) if newest else -1
+    newest_step = int(CHECKPOINT_NAME.match(newest.name).group(2)) if newest else -1
     for f in folder.glob("ep*-ba*-rank0.pt"):
-        if f not in marked and int(_CHECKPOINT.match(f.name).group(2)) > newest_step:
+        if f not in marked and int(CHECKPOINT_NAME.match(f.name).group(2)) > newest_step:
             f.rename(f.with_name(f.name + ".incomplete"))  # kept for inspection; Composer would refuse it
     latest = folder / "latest-rank0.pt"
     if newest is None:

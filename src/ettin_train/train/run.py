@@ -31,6 +31,7 @@ from ettin_train.data.replay import ReplayBatches
 from ettin_train.live_export import CheckpointExporter
 from ettin_train.model import EttinModel
 from ettin_train.objectives import SpecialTokens, get_objective
+from ettin_train.phases import phase as phase_named
 from ettin_train.preflight import preflight
 from ettin_train.train import parallel
 from ettin_train.train.callbacks import (DataStepCheck, Evaluate, ExportCheckpoints, Ledger, Progress, RunMetadata,
@@ -195,7 +196,7 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
     workers = dict(num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0)
     per_device = recipe.train.global_batch // world
     if recipe.data.order:
-        order_phase = recipe.data.order_phase or {"pretrain": "pretrain", "extension": "ext", "decay": "decay"}[recipe.phase]
+        order_phase = recipe.data.order_phase or phase_named(recipe.phase).short
         try:
             dataset = ReplayBatches(recipe.data.order, order_phase, dist.get_global_rank(), world, recipe.data.seq_len, collate)
         except (OrderError, ValueError, KeyError) as e:

@@ -53,8 +53,8 @@ def test_replay_is_exact_across_resume_and_world_sizes(tiny_data, order, tmp_pat
     assert digests(two) == digests(whole)
 
     # two processes, stopped and resumed: the same steps again, and the same weights as without the stop
-    run_train(str(recipe("ddp_split")), "train.stop_after=5ba", launcher=launcher)
-    run_train(str(recipe("ddp_split")), launcher=launcher)
+    run_train(str(recipe("ddp_split")), "train.stop_after=5ba", launcher=composer_launcher())
+    run_train(str(recipe("ddp_split")), launcher=composer_launcher())
     assert _ledger(tmp_path / "ddp_split") == two
     a, b = final(tmp_path / "ddp"), final(tmp_path / "ddp_split")
     assert all(torch.equal(a[k], b[k]) for k in a)

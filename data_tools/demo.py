@@ -11,9 +11,11 @@
    tagged step{N}, ext{N} and decay{N} (demo_runs/hf/{encoder,decoder}).
 5. Use: the final decay tag of each repository is cloned and loaded with transformers' AutoModelForMaskedLM /
    AutoModelForCausalLM and AutoTokenizer from that folder alone; fill-mask and generation are printed.
+6. Evaluation: `ettin-eval` over every tag of both repositories on held-out docstrings prints its table and
+   writes a plot of each metric against tokens seen (demo_runs/eval/eval.png).
 
     python data_tools/demo.py            # everything (measured time in the README)
-    python data_tools/demo.py --samples  # only steps 4 and 5, from existing runs
+    python data_tools/demo.py --samples  # only steps 4 to 6, from existing runs
 Runs are resumable: finished phases are skipped, an interrupted phase resumes from its checkpoint, and
 checkpoints already exported are reported as such.
 """
@@ -132,10 +134,16 @@ def samples(repos: dict[str, Path]) -> None:
                                  eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
         print(f"  {text!r} -> {tok.decode(out[0, 1:], skip_special_tokens=True)!r}")
 
-    # ---- EVAL TABLE --------------------------------------------------------------------------------------
-    # The evaluation of the exported tags (`ettin-eval`, built in another issue) prints its table here.
-    print("\neval table: (ettin-eval not built yet; its table of the exported tags goes here)")
-    # ------------------------------------------------------------------------------------------------------
+
+
+def evaluate(repos: dict[str, Path]) -> None:
+    """`ettin-eval` over every exported tag of both repositories, on the held-out docstrings: the table (every
+    metric against tokens seen) and the plot. Tags already in demo_runs/eval are not recomputed."""
+    cmd = [sys.executable, "-m", "ettin_train.eval", *(str(r) for r in repos.values()),
+           "--data", str(OUT / "data" / "heldout_short"), "--out", str(OUT / "eval"), "--seq-len", "128"]
+    print(f"\n=== evaluate every tag: ettin-eval {' '.join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])}",
+          flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.samples:
         prepare_data()
         train_all()
-    samples(export_all())
+    repos = export_all()
+    samples(repos)
+    evaluate(repos)
     print(f"\ndemo finished in {time.time() - start:.0f}s; runs, checkpoints, recipe copies and the exported "
           f"repositories are in {OUT}/")
 

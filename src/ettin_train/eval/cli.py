@@ -32,6 +32,8 @@ def parse_args(argv):
     p.add_argument("--tags", nargs="+", help="tags to evaluate: names or patterns (step*, ext*, decay*); default all")
     p.add_argument("--train-data", action="append", default=[],
                    help="training MDS folders the held-out data must not be (run folders' recipe.yaml are read too)")
+    p.add_argument("--trust-pickles", action="store_true",
+                   help="unpickle run-folder checkpoints whole, also types a Composer checkpoint does not hold (only for files you trust)")
     p.add_argument("--tokenizer", help="tokenizer folder or Hub name; default: the one each checkpoint names")
     d = EvalSettings()
     p.add_argument("--batches", type=int, default=d.batches)
@@ -78,7 +80,7 @@ def plan(args, workdir: Path) -> tuple[EvalSettings, list, dict, Table]:
         if not (Path(folder) / "index.json").is_file():
             raise HeldOutError(f"--data {folder}: {Path(folder) / 'index.json'} does not exist (MDS shards)")
     check_disjoint(args.data, args.train_data + training_folders(args.sources))
-    listed = [p for s in args.sources for p in list_points(s, workdir)]
+    listed = [p for s in args.sources for p in list_points(s, workdir, args.trust_pickles)]
     chosen_tags = select({s: [p.tag for p in listed if p.source == s] for s in args.sources}, args.tags)
     chosen = [p for p in listed if p.tag in chosen_tags[p.source]]
     tokens, starts = cumulative_tokens(listed)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 PHASES = ("pretrain", "extension", "decay")
 
@@ -58,17 +57,22 @@ def select(tags_by_source: dict[str, list[str]], patterns: list[str] | None) -> 
 
 # ---------------------------------------------------------------- run folders (raw checkpoints)
 
-def _run_points(folder: Path) -> list[Point]:
-    from ettin_train.export import PREFIX, Refused, list_checkpoints, read_export
+def _run_points(folder: Path, trust_pickles: bool = False) -> list[Point]:
+    from ettin_train.checkpoint.composer_format import list_checkpoints
+    from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+    from ettin_train.export import ExportFlags, Refused, read_export
+    from ettin_train.phases import phase as phase_named
 
     try:
         files = list_checkpoints(folder)
-    except Refused as e:
+    except FileNotFoundError as e:
         raise SourceError(str(e)) from None
     points = []
     for f in files:
-        # mmap: the clock and metadata without reading the weights
-        state = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["state"] if f.is_file() else None
+        try:  # mmap: the clock and metadata without reading the weights
+            state = safe_load(f, trust_pickles=trust_pickles, mmap=True)["state"] if f.is_file() else None
+        except UnsafeCheckpointError as e:
+            raise SourceError(str(e)) from None
         meta = (state or {}).get("callbacks", {}).get("RunMetadata") if state else None
         if not meta:
             raise SourceError(f"{f}: no RunMetadata (a checkpoint of the original runs or a sharded one): export it with "
@@ -77,13 +81,13 @@ def _run_points(folder: Path) -> list[Point]:
         step, tokens = int(getattr(ts["batch"], "value", ts["batch"])), int(getattr(ts["token"], "value", ts["token"]))
 
         def load(f=f):
-            import argparse
+            try:
+                ex = read_export(f, ExportFlags(trust_pickles=trust_pickles), log=lambda line: None)
+            except Refused as e:
+                raise SourceError(str(e)) from None
+            return ex.model, ex.objective, ex.settings.tokenizer
 
-            args = argparse.Namespace(phase=None, tokenizer=None)
-            ex = read_export(f, args)
-            return ex.model, ex.objective, ex.tokenizer
-
-        points.append(Point(str(folder), f"{PREFIX[meta['phase']]}{step}", meta["phase"], step, tokens,
+        points.append(Point(str(folder), phase_named(meta["phase"]).tag_of(step), meta["phase"], step, tokens,
                             meta["objective"], load))
     return points
 
@@ -165,7 +169,7 @@ def _step_of_tag(tag: str) -> int:
     return int(digits) if digits else 0
 
 
-def list_points(source: str, workdir: Path) -> list[Point]:
+def list_points(source: str, workdir: Path, trust_pickles: bool = False) -> list[Point]:
     """Every point of one source (run folder, checkpoint folder, export repository or hf://ORG/NAME), in
     training order; `select` picks the ones to evaluate (all of them fix the phase boundaries)."""
     if source.startswith("hf://"):
@@ -175,7 +179,7 @@ def list_points(source: str, workdir: Path) -> list[Point]:
         raise SourceError(f"{source} does not exist")
     if (path / ".git").exists():
         return _repo_points(path, workdir)
-    return _run_points(path)
+    return _run_points(path, trust_pickles)
 
 
 def cumulative_tokens(points: list[Point]) -> tuple[dict[int, int | None], dict[str, dict[str, int]]]:

@@ -1,7 +1,8 @@
 """GPU benchmark: are the attention backends right, and how fast is a training step against transformers?
 
 One call does everything, in this order, and prints a markdown table last (also written to --out):
-  1. backend agreement: SDPA, FlexAttention and (where installed) flash-attn against an fp32 SDPA reference,
+  1. backend agreement: SDPA and, where they run, torch's varlen attention, FA4, flash-attn and (CUDA)
+     FlexAttention against an fp32 SDPA reference,
      on the real layer shapes of the 150m encoder and a decoder (3 layers: global, local, local), in bf16;
   2. throughput: one training step (forward, backward, StableAdamW step; bf16 autocast as Composer's
      amp_bf16) of the 150m encoder and the 1b decoder at sequence 1024, and the 150m encoder at 7999 (the
@@ -105,7 +106,10 @@ def check_backends(row: Row, device: torch.device, amp: bool) -> list[dict]:
     """Each backend's loss, final hidden states and gradients against an fp32 SDPA reference. bf16 is
     judged against the SDPA path's own bf16 error: a backend passes when its error is at most twice that
     (plus 1e-3) and below 2e-2; in fp32 (the CPU smoke path) it must match the reference to 1e-4."""
-    backends = ["sdpa", "flex"] + (["flash"] if ettin_module.flash_attn_varlen_func is not None and amp else [])
+    dtype = torch.bfloat16 if amp else torch.float32
+    # FlexAttention's backward does not run on a CPU (torch >= 2.14): there its forward is tested in tests/model.
+    backends = [b for b in ("sdpa", "varlen", "fa4", "flash", "flex")
+                if ettin_module.backend_runs(b, device, dtype) and (b != "flex" or device.type == "cuda")]
     results = []
     for objective in ("mlm", "clm"):
         cfg = ModelConfig(size=row.size, num_layers=3, causal=objective == "clm", attn_out_dropout=0.0,
@@ -169,13 +173,8 @@ def build_variant(name: str, spec: dict, row: Row, device: torch.device, compile
         loss_of = lambda batch: model(**hf_inputs(row, batch)).loss  # noqa: E731
     else:
         model = ours.to(device).train()
-        if spec.get("compile"):
-            if compile_backend == "inductor":
-                model.compile_layers()
-            else:  # the smoke path: dynamo's tracing without code generation
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                for layer in model.bert.encoder["layers"]:
-                    layer.compile(backend=compile_backend)
+        if spec.get("compile"):  # whole layers (fullgraph); the smoke path traces without code generation
+            model.compile_layers(backend=compile_backend)
         objective = mlm if row.objective == "mlm" else clm
         loss_of = lambda batch: objective.loss(model, batch)  # noqa: E731
     return cfg, model, loss_of
@@ -211,6 +210,10 @@ def measure(name: str, spec: dict, row: Row, device: torch.device, amp: bool, wa
         sync(device)
         times.append(time.perf_counter() - t0)
     busy = profile_step(step, device, profile_to, f"{name} {row}") if profile_to else None
+    if spec.get("backend") == "fa4":  # FA4 replaced torch's flash kernels process-wide: give them back
+        from torch.nn.attention import restore_flash_attention_impl
+
+        restore_flash_attention_impl()
     real = int(batch["attention_mask"].sum())
     flops = batch_flops(cfg, batch)  # the progress line's count: real lengths, predicted positions
     median = statistics.median(times)
@@ -280,8 +283,13 @@ def report(env: dict, agreement: list[dict], rows: list[dict]) -> str:
     for a in agreement:
         lines.append(f"| {a['model']} | {a['backend']} | {a['dtype']} | {a['loss']:.2e} | {a['hidden']:.2e} | "
                      f"{a['grads']:.2e} | {'yes' if a['ok'] else 'NO'} |")
-    lines += ["", "| row | variant | step ms (median) | real tokens/s | model TFLOP/s | MFU | peak mem GiB | "
-                  "first loss | vs transformers |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    return "\n".join(lines + [""] + step_table(rows))
+
+
+def step_table(rows: list[dict]) -> list[str]:
+    """The throughput table's lines (also scripts/gpu_check.py's), each variant against transformers' row."""
+    lines = ["| row | variant | step ms (median) | real tokens/s | model TFLOP/s | MFU | peak mem GiB | "
+             "first loss | vs transformers |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     hf = {r["row"]: r for r in rows if r["variant"].startswith("transformers") and "error" not in r}
     for r in rows:
         if "error" in r:
@@ -292,7 +300,7 @@ def report(env: dict, agreement: list[dict], rows: list[dict]) -> str:
         lines.append(f"| {r['row']} | {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['model_tflops']:.1f} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_mem_gib'], '.1f')} | "
                      f"{r['first_loss']:.4f} | {ratio} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
@@ -328,6 +336,7 @@ def main() -> int:
     peak = card_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
                transformers=hf_version, flash_attn="yes" if ettin_module.flash_attn_varlen_func else "not installed",
+               varlen_window=ettin_module.VARLEN_WINDOW, fa4="yes" if ettin_module.fa4_available() else "not installed",
                date=time.strftime("%Y-%m-%d"), peak_tflops=peak / 1e12 if peak else None,
                matmul_tflops=matmul_tflops(device))
     print(json.dumps(env), flush=True)
@@ -339,13 +348,21 @@ def main() -> int:
         print("agreement", json.dumps(a), flush=True)
     print(f"agreement checked at {time.perf_counter() - started:.0f} s", flush=True)
 
-    variants = {"ours flex+compile": dict(kind="ours", backend="flex", compile=True),
-                "transformers sdpa": dict(kind="hf"),
-                "ours flex": dict(kind="ours", backend="flex"),
-                "ours sdpa": dict(kind="ours", backend="sdpa")}
-    if ettin_module.flash_attn_varlen_func is not None and amp:
-        variants = {"ours flash+compile": dict(kind="ours", backend="flash", compile=True), **variants}
-    main_variants = list(variants)[:-1]
+    # The flash kernels each where they run here; FlexAttention where its backward runs (CUDA); then the
+    # baseline; the uncompiled and padded variants last, as optional ones under the time budget.
+    dtype = torch.bfloat16 if amp else torch.float32
+    fast = [b for b in ("varlen", "fa4", "flash") if ettin_module.backend_runs(b, device, dtype)]
+    variants = {f"ours {b}+compile": dict(kind="ours", backend=b, compile=True) for b in fast}
+    if device.type == "cuda":
+        variants["ours flex+compile"] = dict(kind="ours", backend="flex", compile=True)
+    variants["ours sdpa+compile"] = dict(kind="ours", backend="sdpa", compile=True)
+    variants["transformers sdpa"] = dict(kind="hf")
+    # On CUDA the main comparison is the default backend (the first flash kernel that runs) against
+    # transformers; FlexAttention (the default before 2026-12) and padded SDPA come after, under the budget.
+    main_variants = [name for name in variants if device.type != "cuda" or name == "transformers sdpa"
+                     or (fast and name == f"ours {fast[0]}+compile") or (not fast and name == "ours flex+compile")]
+    if device.type == "cuda":
+        variants["ours flex"] = dict(kind="ours", backend="flex")
     if args.variants:
         variants = {name: spec for name, spec in variants.items() if name in args.variants}
     profile_to = None

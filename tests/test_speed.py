@@ -9,7 +9,7 @@ import torch
 from ettin_train.model import ModelConfig
 from ettin_train.model.flops import training_flops
 from ettin_train.objectives import SpecialTokens, get_objective
-from ettin_train.speed import PEAK_ENV, SpeedWindow, batch_flops, peak_flops
+from ettin_train.speed import PEAK_ENV, SpeedWindow, batch_flops, batch_flops_tensor, local_flops_tensor, peak_flops
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12),
@@ -55,3 +55,29 @@ def test_window_reports_tokens_per_second_and_mfu_and_restarts():
     no_peak.start(0.0, 0)
     no_peak.add({"attention_mask": torch.ones(2, 4)})
     assert no_peak.flops == 0 and "throughput/mfu" not in no_peak.report(1.0, 8, None)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_device_side_flop_count_equals_the_formula_for_every_length(causal):
+    """The tensor count (no host sync) equals training_flops for empty rows, rows within the window, at
+    its edge and far beyond it, on the published 150m shape (where the sums are large)."""
+    cfg = ModelConfig(size="150m", causal=causal)
+    lengths = [0, 1, 2, 63, 64, 65, 66, 129, 1000, 1024, 7999]
+    mask = (torch.arange(7999)[None, :] < torch.tensor(lengths)[:, None]).long()
+    labels = torch.full_like(mask, -100)
+    labels[:, ::3] = 7
+    labels[mask == 0] = -100
+    assert int(batch_flops_tensor(cfg, {"attention_mask": mask})) == training_flops(cfg, lengths, sum(lengths) - 10)
+    predicted = int((labels != -100).sum())
+    assert batch_flops(cfg, {"attention_mask": mask, "labels": labels}) == training_flops(cfg, lengths, predicted)
+
+
+def test_window_adds_counts_without_reading_them_back():
+    cfg = ModelConfig(size=None, num_layers=2, hidden_size=64, intermediate_size=96, num_heads=1, vocab_size=64)
+    window = SpeedWindow(cfg, peak=1e12, world=1)
+    window.start(0.0, 0)
+    batch = {"attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    window.add(batch)
+    window.add(batch)
+    assert isinstance(window.flops, torch.Tensor)  # still a tensor: nothing was read back per step
+    assert float(local_flops_tensor(window)[0]) == 2 * training_flops(cfg, [5, 5], 8)

@@ -31,17 +31,24 @@ def main(argv: list[str] | None = None) -> int:
         series = plot_schedule(args.recipe, args.plot, args.overrides)
         phases = " -> ".join(s["recipe"] for s in series)
         print(f"wrote {args.plot}: {phases}", file=sys.stderr if args.json else sys.stdout)
+    from ettin_train.checkpoint.run_folder import finished_run
+
+    done = finished_run(recipe)  # a finished run run again (a requeue): say so, do not build the trainer
     if args.plan:
         from ettin_train.plan import format_plan, make_plan
 
-        plan = make_plan(recipe)
+        plan = make_plan(recipe) | {"complete": done and {"step": done.step, "tokens": done.tokens,
+                                                            "checkpoint": str(done.checkpoint)}}
         if args.json:
             print(json.dumps(plan))
         else:
-            print(format_plan(plan))
+            print(format_plan(plan) + (f"\n\n{done.line()}" if done else ""))
             print("\nresolved recipe:\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         return 0
     if args.plot:
+        return 0
+    if done:
+        print(done.line())
         return 0
     from ettin_train.train.run import run
 

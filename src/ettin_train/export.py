@@ -3,49 +3,47 @@ of verified transformers checkpoints, one commit and one tag per checkpoint (`st
 
 SOURCE is a checkpoint file, a folder of `ep*-ba*-rank0.pt`, or a run folder (its `checkpoints/`); the
 `latest-rank0.pt` symlink is not a checkpoint of its own. Each checkpoint, in batch order:
-  1. its model: from the RunMetadata our runs write into every checkpoint, or (checkpoints of the original
-     runs) from --phase, the shape read off the weights and the --rope-theta-*/--sliding-window flags;
+  1. its model: every setting from what the checkpoint records (our RunMetadata, ettin-import's record, or the
+     original runs' FlexBERT config); what it does not record from the flags, else from the recipes' table
+     (checkpoint/settings.py, which names the flag to pass where neither can say); printed with its sources;
   2. converted with ettin_train.checkpoint.hf.to_hf and written to a staging folder: model.safetensors,
      config.json (with ettin_phase, ettin_step, ettin_tokens, ettin_source), tokenizer files, README.md;
-  3. verified: the staged folder loaded by transformers' own class (from_pretrained, fp32, eval) gives our
-     model's logits within 1e-4 on a fixed probe batch (right padding, sequences past the local window);
+  3. verified against the checkpoint's own record, not against step 1: the staged folder loaded by transformers'
+     own class (from_pretrained, fp32, eval) must have the recorded settings, and give the logits of our model built
+     from the recorded settings within 1e-4 on a fixed probe batch (right padding, sequences past the local window);
   4. checked against the repository: a tag that exists with the same model.safetensors bytes is "already
      exported" (nothing happens); a tag that exists with other bytes, or a new tag whose bytes equal an
      existing tag's (the Pythia/OLMo duplicate-branch failure), is refused (exit 2) before anything is written;
   5. copied into REPO_DIR, committed on `main` and tagged. `ettin_export.json` in the repository records the
      sha256 of every tag's model.safetensors.
 N is the batch counter of the checkpoint within its phase (each phase's clock starts at 0).
+`export_checkpoint` does all of it for one checkpoint and returns an ExportResult (live_export.py calls it).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ettin_train.checkpoint.composer_format import CHECKPOINT_NAME
+from ettin_train.checkpoint.settings import DECIDING, FLAGS, Settings, SettingsError, fmt
+from ettin_train.phases import phase as phase_named
+
 PROG = "ettin-export"
 TOL = 1e-4
 MANIFEST = "ettin_export.json"
-PREFIX = {"pretrain": "step", "extension": "ext", "decay": "decay"}
-PHASE_FLAG = {"pretrain": "pretrain", "ext": "extension", "extension": "extension", "decay": "decay"}
-# The original runs' thetas when a checkpoint does not say: (global, local).
-PHASE_THETAS = {"pretrain": (10000.0, 10000.0), "extension": (160000.0, 160000.0), "decay": (160000.0, 160000.0)}
-_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 GITATTRIBUTES = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
-DECODER_NOTE = ("This decoder was trained with a local RoPE theta that differs from its global theta. transformers "
-                "4.57.6's ModernBertDecoderForCausalLM builds its local rotary embedding from the global theta, so after "
-                "from_pretrained call ettin_train.checkpoint.hf.patch_decoder_local_rope(model) to run it as trained.")
 
 
 class Refused(Exception):
@@ -59,111 +57,100 @@ class VerificationFailed(Exception):
 @dataclass
 class Export:
     source: Path
-    phase: str  # pretrain | extension | decay
+    settings: Settings
     step: int
     tokens: int
-    objective: str
     model: "torch.nn.Module"
-    tokenizer: str | None
+    weights: dict
+
+    @property
+    def phase(self) -> str:
+        return self.settings.phase
+
+    @property
+    def objective(self) -> str:
+        return self.settings.objective
 
     @property
     def tag(self) -> str:
-        return f"{PREFIX[self.phase]}{self.step}"
+        return phase_named(self.phase).tag_of(self.step)
 
 
-# ---------------------------------------------------------------- finding and reading checkpoints
+@dataclass
+class ExportResult:
+    """What happened to one checkpoint: `exported` (committed and tagged) or `skipped` (the tag holds it already)."""
 
-def list_checkpoints(source: str | Path) -> list[Path]:
-    """The checkpoint files of SOURCE in batch order (symlinks such as latest-rank0.pt are not checkpoints)."""
-    from ettin_train.checkpoint.composer_format import is_sharded
+    source: Path
+    tag: str
+    status: str
+    phase: str
+    step: int
+    tokens: int
+    diff: float
 
-    source = Path(source)
-    if source.is_file() or is_sharded(source):
-        return [source.resolve()]
-    if not source.is_dir():
-        raise Refused(f"{source} does not exist")
-    for folder in (source / "checkpoints", source):
-        found = sorted((int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt")
-                       if (m := _NAME.match(f.name)) and not f.is_symlink())
-        # parallel.checkpoint_format: sharded writes ep{E}-ba{B}/ folders instead
-        found += sorted((int(m.group(2)), f) for f in folder.glob("ep*-ba*")
-                        if (m := re.match(r"^ep(\d+)-ba(\d+)$", f.name)) and is_sharded(f) and not f.is_symlink())
-        if found:
-            return [f for _, f in found]
-    raise Refused(f"no checkpoint (ep*-ba*-rank0.pt) in {source} or {source / 'checkpoints'}")
+    def line(self) -> str:
+        if self.status == "skipped":
+            return f"{self.source.name}: {self.tag} already exported (same weights); nothing to do"
+        return (f"{self.source.name}: exported as {self.tag} (phase {self.phase}, step {self.step}, {self.tokens} tokens; "
+                f"logits match transformers within {self.diff:.1e})")
 
+
+@dataclass
+class ExportFlags:
+    """The exporter's options for checkpoints that do not record everything (None: not given)."""
+
+    phase: str | None = None
+    tokenizer: str | None = None
+    rope_theta_global: float | None = None
+    rope_theta_local: float | None = None
+    sliding_window: int | None = None
+    global_attn_every_n_layers: int | None = None
+    trust_pickles: bool = False  # unpickle whole files (checkpoint/safe_load.py), only for files the user trusts
+
+
+# ---------------------------------------------------------------- reading checkpoints
 
 def _count(value) -> int:
     return int(getattr(value, "value", value))
 
 
-def infer_model_config(weights: dict[str, torch.Tensor], *, theta_global: float, theta_local: float,
-                       sliding_window: int, global_every: int):
-    """A ModelConfig from the shapes of original-layout weights (head dim 64, as every Ettin size)."""
-    from ettin_train.model import ModelConfig
-
-    vocab, hidden = weights["bert.embeddings.tok_embeddings.weight"].shape
-    layers = 1 + max(int(m.group(1)) for k in weights if (m := re.match(r"bert\.encoder\.layers\.(\d+)\.", k)))
-    intermediate = weights["bert.encoder.layers.0.mlp.Wi.weight"].shape[0] // 2  # GLU: [input; gate]
-    causal = any(k.startswith("lm_head.") for k in weights)
-    if not causal and not any(k.startswith("head.") for k in weights):
-        raise Refused("the weights have neither head.* (encoder) nor lm_head.* (decoder)")
-    return ModelConfig(size=None, num_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
-                       num_heads=hidden // 64, vocab_size=vocab, causal=causal, sliding_window=sliding_window,
-                       global_attn_every_n_layers=global_every, rope_theta_global=theta_global,
-                       rope_theta_local=None if theta_local == theta_global else theta_local,
-                       attention_backend="sdpa")
-
-
-def read_export(path: Path, args: argparse.Namespace) -> Export:
-    """Our model of one checkpoint and what it is (phase, clock, tokenizer)."""
+def read_export(path: Path, flags: ExportFlags, log: Callable[[str], None] = print) -> Export:
+    """Our model of one checkpoint, with its settings and their sources, and its clock."""
     from ettin_train.checkpoint import digest, load_checkpoint, model_state_dict
     from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
-    from ettin_train.model import EttinModel, ModelConfig
+    from ettin_train.checkpoint.settings import resolve
+    from ettin_train.model import EttinModel
 
     problem = digest.check(path)  # a file damaged since it was written would export wrong weights silently
     if problem:
         raise Refused(f"{problem}: damaged since it was written; not exported")
     try:
-        ckpt = load_checkpoint(path, trust_pickles=args.trust_pickles)
+        ckpt = load_checkpoint(path, trust_pickles=flags.trust_pickles)
     except UnsafeCheckpointError as e:
         raise Refused(str(e)) from None
     state = ckpt["state"]
     weights = model_state_dict(ckpt)
-    flag_phase = PHASE_FLAG[args.phase] if args.phase else None
-    meta = (state.get("callbacks") or {}).get("RunMetadata")
-    if meta:
-        phase = meta["phase"]
-        if flag_phase and flag_phase != phase:
-            raise Refused(f"{path.name}: --phase {args.phase} contradicts the checkpoint's own phase {phase!r}")
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields}).replace(attention_backend="sdpa")
-        objective = meta["objective"]
-        tokenizer = args.tokenizer or meta.get("tokenizer")
-    else:
-        if not flag_phase:
-            raise Refused(f"{path.name} has no RunMetadata (a checkpoint of the original runs?): give --phase")
-        phase = flag_phase
-        g, l = PHASE_THETAS[phase]
-        g = g if args.rope_theta_global is None else args.rope_theta_global
-        l = l if args.rope_theta_local is None else args.rope_theta_local
-        cfg = infer_model_config(weights, theta_global=g, theta_local=l, sliding_window=args.sliding_window,
-                                 global_every=args.global_every)
-        objective = "clm" if cfg.causal else "mlm"
-        tokenizer = args.tokenizer
-    model = EttinModel(cfg)
+    try:
+        settings = resolve(state, weights, phase=flags.phase, **{name: getattr(flags, name) for name in FLAGS})
+    except SettingsError as e:
+        raise Refused(f"{path.name}: {e}") from None
+    if flags.tokenizer:
+        settings.tokenizer = flags.tokenizer
+    if not settings.all_recorded():
+        log(f"{path.name}: exported with these settings:\n" + "\n".join(settings.lines()))
+    model = EttinModel(settings.config)
     model.load_state_dict(weights, strict=True)
     ts = state["timestamp"]["Timestamp"]
     step, tokens = _count(ts["batch"]), _count(ts["token"])
-    m = _NAME.match(path.name)
+    m = CHECKPOINT_NAME.match(path.name)
     if m and int(m.group(2)) != step:
-        print(f"{PROG}: note: {path.name} holds batch {step} (its clock), which names the tag")
-    return Export(path, phase, step, tokens, objective, model.eval(), tokenizer)
+        log(f"{PROG}: note: {path.name} holds batch {step} (its clock), which names the tag")
+    return Export(path, settings, step, tokens, model.eval(), weights)
 
 
 # ---------------------------------------------------------------- writing and verifying
 
-def load_tokenizer(name: str | None):
+def load_tokenizer(name: str | None, log: Callable[[str], None] = print):
     if not name:
         return None
     try:
@@ -171,7 +158,7 @@ def load_tokenizer(name: str | None):
 
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-        print(f"{PROG}: note: tokenizer {name} is not available locally ({type(e).__name__}); no tokenizer files written")
+        log(f"{PROG}: note: tokenizer {name} is not available locally ({type(e).__name__}); no tokenizer files written")
         return None
 
 
@@ -186,8 +173,19 @@ def token_ids(tokenizer) -> dict[str, int]:
     return {k: (ETTIN_TOKEN_IDS[k] if v is None else v) for k, v in ids.items()}
 
 
-def needs_rope_patch(cfg) -> bool:
+def split_decoder_theta(cfg) -> bool:
+    """A decoder whose local layers use another theta than its global ones: transformers 4.57 needs a patch."""
     return cfg.causal and cfg.local_theta != cfg.rope_theta_global
+
+
+# config.json's `ettin_note` and the model card's, for transformers 4.57 users (5.x reads both thetas).
+DECODER_NOTE = ("This decoder's local layers use another RoPE theta than its global layers (rope_parameters). "
+                "transformers 5 honours both. transformers 4.57's ModernBertDecoderForCausalLM builds its local rotary "
+                "embedding from the global theta: on 4.57, rebuild it after from_pretrained (see the README).")
+PATCH_457 = """import copy
+local = copy.deepcopy(model.config)
+local.global_rope_theta = model.config.local_rope_theta
+model.model.local_rotary_emb = type(model.model.local_rotary_emb)(config=local)"""
 
 
 def probe_batch(cfg, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,17 +202,11 @@ def probe_batch(cfg, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_hf_folder(folder: str | Path, causal: bool):
-    """The folder as a user of transformers loads it (fp32, eval), with the decoder's local theta patched."""
+    """The folder as a user of transformers loads it (fp32, eval)."""
     from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
-    from ettin_train.checkpoint.hf import patch_decoder_local_rope
-
     cls = ModernBertDecoderForCausalLM if causal else ModernBertForMaskedLM
-    hf_model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
-    config = hf_model.config
-    if causal and config.local_rope_theta != config.global_rope_theta:
-        patch_decoder_local_rope(hf_model)
-    return hf_model
+    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 @torch.no_grad()
@@ -236,17 +228,61 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def stage(ex: Export, folder: Path) -> tuple[str, float]:
+def _deciding(cfg) -> dict:
+    """The values that decide a model, as they act: the window as its tokens per side, the global-layer
+    pattern as the layers it makes global (every 3 and every 5 are one model when there are 2 layers)."""
+    values = {name: getattr(cfg, name) for name in DECIDING}
+    values["rope_theta_local"] = cfg.local_theta
+    values["sliding_window"] = cfg.sliding_window // 2
+    values["global_attn_every_n_layers"] = [i for i in range(cfg.num_layers) if cfg.is_global_layer(i)]
+    return values
+
+
+def verify(ex: Export, folder: Path, pad_id: int) -> float:
+    """The staged folder, loaded by transformers, against the checkpoint's record (not against the settings the
+    export was built from): the settings transformers runs must be the recorded ones, and its logits those of our
+    model built from the record alone. Returns the max logit difference; raises VerificationFailed."""
+    from ettin_train.checkpoint.hf import from_hf
+    from ettin_train.checkpoint.settings import recorded_config
+    from ettin_train.model import EttinModel
+
+    where = f"{ex.source.name} ({ex.tag})"
+    hf_model = load_hf_folder(folder, ex.settings.config.causal)
+    try:
+        runs = _deciding(from_hf(hf_model).config)  # what transformers really runs (its rotary tables included)
+    except ValueError as e:
+        raise VerificationFailed(f"{where}: transformers' model of the written folder is not an Ettin model: {e}") from None
+    record = ex.settings.record
+    reference = recorded_config(record) or ex.settings.config  # nothing recorded: the printed settings
+    recorded = {name: value for name, value in (record.model if record else {}).items() if name in DECIDING}
+    expected = _deciding(reference.replace(**recorded))
+    source = record.source if record else "the settings printed above"
+    unit = {"sliding_window": " tokens per side", "global_attn_every_n_layers": " (the global layers)"}
+    for name in DECIDING:
+        if runs[name] != expected[name]:
+            raise VerificationFailed(f"{where}: the written folder runs {name} {fmt(runs[name])}{unit.get(name, '')} in "
+                                     f"transformers, but {source} records {fmt(expected[name])}; nothing was committed")
+    model = EttinModel(reference)
+    model.load_state_dict(ex.weights, strict=True)
+    diff = max_logit_diff(model.eval(), hf_model, pad_id)
+    if not diff <= TOL:
+        raise VerificationFailed(f"{where}: transformers' {'decoder' if reference.causal else 'encoder'} loaded from the "
+                                 f"written folder differs from our model of the recorded settings by {diff:.3g} (> {TOL:g}) "
+                                 "in logits on the probe batch; nothing was committed")
+    return diff
+
+
+def stage(ex: Export, folder: Path, log: Callable[[str], None] = print) -> tuple[str, float]:
     """Writes the HF folder of `ex` into `folder`, verifies it; returns (sha256 of model.safetensors, max diff)."""
     from ettin_train.checkpoint.hf import to_hf
 
     cfg = ex.model.config
-    tokenizer = load_tokenizer(ex.tokenizer)
+    tokenizer = load_tokenizer(ex.settings.tokenizer, log)
     ids = token_ids(tokenizer)
-    patch = needs_rope_patch(cfg)
+    split = split_decoder_theta(cfg)
     extra = dict(ettin_phase=ex.phase, ettin_step=ex.step, ettin_tokens=ex.tokens, ettin_source=ex.source.name,
                  ettin_objective=ex.objective)
-    if patch:
+    if split:
         extra["ettin_note"] = DECODER_NOTE
     hf_model = to_hf(ex.model, **ids, **extra)
     hf_model.save_pretrained(folder, safe_serialization=True)
@@ -254,18 +290,14 @@ def stage(ex: Export, folder: Path) -> tuple[str, float]:
         tokenizer.save_pretrained(folder)
     del hf_model
 
-    diff = max_logit_diff(ex.model, load_hf_folder(folder, cfg.causal), ids["pad_token_id"])
-    if not diff <= TOL:
-        raise VerificationFailed(f"{ex.source.name} ({ex.tag}): transformers' {'decoder' if cfg.causal else 'encoder'} "
-                                 f"loaded from the written folder differs from our model by {diff:.3g} (> {TOL:g}) "
-                                 "in logits on the probe batch; nothing was committed")
+    diff = verify(ex, folder, ids["pad_token_id"])
     digest = sha256(folder / "model.safetensors")
-    (folder / "README.md").write_text(model_card(ex, digest, diff, patch))
+    (folder / "README.md").write_text(model_card(ex, digest, diff, split))
     (folder / ".gitattributes").write_text(GITATTRIBUTES)
     return digest, diff
 
 
-def model_card(ex: Export, digest: str, diff: float, patch: bool) -> str:
+def model_card(ex: Export, digest: str, diff: float, split: bool) -> str:
     cfg = ex.model.config
     kind = "ModernBertDecoderForCausalLM" if cfg.causal else "ModernBertForMaskedLM"
     lines = [
@@ -273,14 +305,14 @@ def model_card(ex: Export, digest: str, diff: float, patch: bool) -> str:
         f"Ettin {'decoder' if cfg.causal else 'encoder'} ({ex.objective}), phase `{ex.phase}`, batch {ex.step} of the phase, "
         f"{ex.tokens:,} tokens seen in the phase. Exported from `{ex.source.name}` by `{PROG}`.", "",
         f"```python\nfrom transformers import {kind}\nmodel = {kind}.from_pretrained(REPO, revision=\"{ex.tag}\")\n```", "",
-        f"Verified at export: transformers' `{kind}` loaded from this folder reproduced the training model's logits "
-        f"(max |diff| {diff:.2e} <= {TOL:g}, fp32, on a right-padded probe batch with sequences past the "
-        f"{cfg.sliding_window}-token local window). sha256 of model.safetensors: `{digest}`.", "",
+        f"RoPE theta {cfg.rope_theta_global:g} (global layers) / {cfg.local_theta:g} (local layers), local window "
+        f"{cfg.sliding_window}, a global layer every {cfg.global_attn_every_n_layers}.", "",
+        f"Verified at export: transformers' `{kind}` loaded from this folder runs the settings the checkpoint records "
+        f"and reproduced the training model's logits (max |diff| {diff:.2e} <= {TOL:g}, fp32, on a right-padded probe "
+        f"batch with sequences past the {cfg.sliding_window}-token local window). sha256 of model.safetensors: `{digest}`.", "",
     ]
-    if patch:
-        lines += ["**Decoder local RoPE theta.** " + DECODER_NOTE, "",
-                  "```python\nfrom ettin_train.checkpoint.hf import patch_decoder_local_rope\n"
-                  "patch_decoder_local_rope(model)\n```", ""]
+    if split:
+        lines += ["**Decoder local RoPE theta.** " + DECODER_NOTE, "", f"```python\n{PATCH_457}\n```", ""]
     return "\n".join(lines)
 
 
@@ -367,18 +399,28 @@ def commit(repo: Path, ex: Export, staged: Path, digest: str) -> None:
         raise
 
 
-def export_one(path: Path, repo: Path, args: argparse.Namespace) -> str:
-    ex = read_export(path, args)
-    with tempfile.TemporaryDirectory(prefix="ettin-export-") as tmp:
-        staged = Path(tmp)
-        digest, diff = stage(ex, staged)
-        if not check_new(ex, digest, tag_hashes(repo)):
-            print(f"{ex.source.name}: {ex.tag} already exported (same weights); nothing to do")
-            return "skipped"
-        commit(repo, ex, staged, digest)
-    print(f"{ex.source.name}: exported as {ex.tag} (phase {ex.phase}, step {ex.step}, {ex.tokens} tokens; "
-          f"logits match transformers within {diff:.1e})")
-    return "exported"
+def export_checkpoint(path: str | Path, repo: str | Path, flags: ExportFlags | None = None,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    """Exports one checkpoint file (or sharded folder) into the repository `repo` (created if missing).
+    Raises Refused (nothing written) or VerificationFailed (nothing committed)."""
+    from transformers.utils import logging as hf_logging
+
+    path, repo = Path(path), Path(repo).resolve()
+    ex = read_export(path, flags or ExportFlags(), log)  # a refused setting stops here, before REPO_DIR is made
+    open_repo(repo)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers 5 draws save/load bars on stderr: keep it to our one line
+    try:
+        with tempfile.TemporaryDirectory(prefix="ettin-export-") as tmp:
+            staged = Path(tmp)
+            digest, diff = stage(ex, staged, log)
+            status = "exported" if check_new(ex, digest, tag_hashes(repo)) else "skipped"
+            if status == "exported":
+                commit(repo, ex, staged, digest)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return ExportResult(path, ex.tag, status, ex.phase, ex.step, ex.tokens, diff)
 
 
 def _tag_refs(lines: str) -> dict[str, str]:
@@ -418,35 +460,42 @@ def push(repo: Path, remote: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
-        epilog="Checkpoints without RunMetadata (the original runs') need --phase; their shape is read off the weights "
-               "(head dim 64), and their RoPE thetas default to the original recipe's: pretrain 10000/10000, ext and "
-               "decay 160000/160000 (global/local). See docs/export.md.")
+        epilog="Every setting comes from what the checkpoint records; the flags below are for checkpoints that do not "
+               "record it (the original runs': then the recipes' table, by the size of the weights, the objective of "
+               "the head and --phase, fills in what the flags do not give). A flag that contradicts the record is "
+               "refused. The values used and their sources are printed. See docs/export.md.")
     p.add_argument("source", help="a checkpoint file, a folder of ep*-ba*-rank0.pt, or a run folder")
     p.add_argument("--out", required=True, type=Path, help="the git repository to export into (created if missing)")
     p.add_argument("--phase", choices=["pretrain", "ext", "decay"],
-                   help="the phase of checkpoints without RunMetadata (tags step{N}, ext{N}, decay{N})")
+                   help="the phase of checkpoints that do not record one (tags step{N}, ext{N}, decay{N})")
     p.add_argument("--tokenizer", help="tokenizer folder or Hub name to copy into the export (default: the checkpoint's)")
     p.add_argument("--push", metavar="REMOTE", help="git push REMOTE main --tags afterwards")
     p.add_argument("--trust-pickles", action="store_true",
                    help="unpickle checkpoints whole, also types a Composer checkpoint does not hold (only for files you trust)")
-    p.add_argument("--rope-theta-global", type=float, default=None,
-                   help="without RunMetadata: global RoPE theta (default: 10000 pretrain, 160000 ext/decay)")
-    p.add_argument("--rope-theta-local", type=float, default=None,
-                   help="without RunMetadata: local RoPE theta (default: 10000 pretrain, 160000 ext/decay)")
-    p.add_argument("--sliding-window", type=int, default=128, help="without RunMetadata: local window (default 128)")
-    p.add_argument("--global-every", type=int, default=3, help="without RunMetadata: a global layer every N (default 3)")
+    p.add_argument("--rope-theta-global", type=float, help="global RoPE theta, where the checkpoint records none")
+    p.add_argument("--rope-theta-local", type=float, help="local RoPE theta, where the checkpoint records none")
+    p.add_argument("--sliding-window", type=int, help="local attention window, where the checkpoint records none")
+    p.add_argument("--global-every", type=int, dest="global_attn_every_n_layers",
+                   help="a global attention layer every N layers, where the checkpoint records none")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ettin_train.checkpoint.composer_format import list_checkpoints
+
     args = build_parser().parse_args(argv)
+    flags = ExportFlags(**{k: getattr(args, k) for k in ExportFlags.__dataclass_fields__})
     repo = args.out.resolve()
+    counts = {"exported": 0, "skipped": 0}
     try:
-        checkpoints = list_checkpoints(args.source)
-        open_repo(repo)
-        counts = {"exported": 0, "skipped": 0}
+        try:
+            checkpoints = list_checkpoints(args.source)
+        except FileNotFoundError as e:
+            raise Refused(str(e)) from None
         for path in checkpoints:
-            counts[export_one(path, repo, args)] += 1
+            result = export_checkpoint(path, repo, flags)
+            print(result.line())
+            counts[result.status] += 1
     except Refused as e:
         print(f"{PROG}: refused: {e}", file=sys.stderr)
         return 2

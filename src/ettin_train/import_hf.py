@@ -4,10 +4,14 @@ that a phase can start from.
 HF_DIR is a local folder (or a Hub name, where the network allows) holding a `ModernBertForMaskedLM` or a
 `ModernBertDecoderForCausalLM`. OUT.pt gets Composer's layout with the original key names:
     {'state': {'model': {'model.<key>': tensor}, 'timestamp': {'Timestamp': {... all 0}},
-               'integrations': {'ettin_import': {source, objective, model_config, transformers_version}}},
+               'integrations': {'ettin_import': {source, objective, phase, tokenizer, model_config,
+                                                  transformers_version}}},
      'rng': []}
-It holds weights only: the phase that loads it takes the architecture, the clock and the optimizer from its
-recipe. An existing OUT.pt is never overwritten.
+`model_config` is the complete ModelConfig read off the transformers config (sizes, both RoPE thetas, the window,
+the global-layer pattern, causal), so `ettin-export` exports it with exactly these settings; `phase` is the
+config's `ettin_phase` (our own exports carry one), else null (ettin-export then asks --phase for the tag).
+A phase that starts from OUT.pt takes the architecture, the clock and the optimizer from its recipe.
+An existing OUT.pt is never overwritten.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 PROG = "ettin-import"
 
 
-def build_checkpoint(model, source: str) -> dict:
+def build_checkpoint(model, source: str, phase: str | None = None, tokenizer: str | None = None) -> dict:
     """The Composer-layout checkpoint dict of an EttinModel (weights, a zero clock, metadata)."""
     cfg = model.config
     import transformers
@@ -34,6 +38,8 @@ def build_checkpoint(model, source: str) -> dict:
     meta = {
         "source": source,
         "objective": "clm" if cfg.causal else "mlm",
+        "phase": phase,
+        "tokenizer": tokenizer,
         "model_config": dataclasses.asdict(cfg),
         "transformers_version": transformers.__version__,
     }
@@ -43,7 +49,7 @@ def build_checkpoint(model, source: str) -> dict:
 
 
 def load_hf(source: str):
-    """The HF model in `source` (fp32, SDPA, eval), with the decoder's declared local RoPE theta in force."""
+    """The HF model in `source` (fp32, SDPA, eval); its local layers checked to run at the declared local theta."""
     from transformers import AutoConfig, ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
     from ettin_train.checkpoint.hf import patch_decoder_local_rope
@@ -52,11 +58,26 @@ def load_hf(source: str):
     classes = {"modernbert": ModernBertForMaskedLM, "modernbert-decoder": ModernBertDecoderForCausalLM}
     if config.model_type not in classes:
         raise ValueError(f"{source} holds a {config.model_type!r} model, not ModernBERT (modernbert or modernbert-decoder)")
-    hf_model = classes[config.model_type].from_pretrained(source, torch_dtype=torch.float32, attn_implementation="sdpa")
+    hf_model = classes[config.model_type].from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
     if config.model_type == "modernbert-decoder":
-        # transformers 4.57 runs the decoder's local layers at the global theta; config.json declares the trained one.
-        patch_decoder_local_rope(hf_model)
+        patch_decoder_local_rope(hf_model)  # transformers 5: a check that the local theta is in force
     return hf_model.eval()
+
+
+def _phase_of(hf_model) -> str | None:
+    """The phase our own exports record in config.json (`ettin_phase`), if any."""
+    from ettin_train.phases import NAMES
+
+    phase = getattr(hf_model.config, "ettin_phase", None)
+    return phase if phase in NAMES else None
+
+
+def _tokenizer_of(source: str) -> str | None:
+    """`source` when it holds a tokenizer the exporter can copy (a local folder with tokenizer files, or a Hub name)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    return source if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot load {args.hf_dir}: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     model = from_hf(hf_model)
-    checkpoint = build_checkpoint(model, args.hf_dir)
+    checkpoint = build_checkpoint(model, args.hf_dir, _phase_of(hf_model), _tokenizer_of(args.hf_dir))
     try:
         with open(out, "xb") as f:  # exclusive: fails rather than replace a file that appeared meanwhile
             torch.save(checkpoint, f)
@@ -96,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(checkpoint['state']['model'])} tensors, {model.num_params():,} parameters")
     print(f"  layers {cfg.num_layers}, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
           f"heads {cfg.num_heads}, vocab {cfg.vocab_size}, sliding_window {cfg.sliding_window}, "
-          f"rope theta {cfg.rope_theta_global:g} global / {cfg.local_theta:g} local")
-    if cfg.causal and cfg.local_theta != cfg.rope_theta_global:
-        print(f"  note: local theta {cfg.local_theta:g} is what config.json declares; transformers 4.57 runs this "
-              f"decoder's local layers at the global {cfg.rope_theta_global:g} (it ignores local_rope_theta)")
+          f"a global layer every {cfg.global_attn_every_n_layers}, rope theta {cfg.rope_theta_global:g} global / "
+          f"{cfg.local_theta:g} local")
+    phase = checkpoint["state"]["integrations"]["ettin_import"]["phase"]
+    print(f"  phase {phase} (config.json's ettin_phase)" if phase else
+          "  phase: not in config.json (ettin-export asks --phase to name the tag)")
     if cfg.causal and hf_model.config.sliding_window == 64:  # transformers' default, local_attention=128
         print(f"  note: transformers' sliding_window {hf_model.config.sliding_window} counts the query itself, so this "
               f"folder runs local layers with {cfg.sliding_window // 2} previous tokens; Ettin trained decoders with "

@@ -10,8 +10,6 @@ Nothing here imports Composer; `train.callbacks.ExportCheckpoints` calls `Checkp
 
 from __future__ import annotations
 
-import contextlib
-import io
 import random
 import sys
 from pathlib import Path
@@ -28,23 +26,20 @@ class CheckpointExporter:
 
     def export(self, checkpoint: str | Path) -> bool:
         checkpoint = Path(checkpoint)
-        out = io.StringIO()
         rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        def log(line: str) -> None:
+            print(f"[{self.name}] export: {line}", flush=True)
+
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                code = ettin_export.main([str(checkpoint), "--out", str(self.repo)])
-            error = None if code == 0 else out.getvalue().strip().splitlines()[-1]
-        except Exception as e:  # noqa: BLE001 - whatever went wrong, training must go on
-            error = f"{type(e).__name__}: {e}"
+            result = ettin_export.export_checkpoint(checkpoint, self.repo, log=log)
+            log(result.line())
+            return True
+        except Exception as e:  # noqa: BLE001 - whatever went wrong (refused, verification, a bug), training goes on
+            error = str(e) if isinstance(e, (ettin_export.Refused, ettin_export.VerificationFailed)) else f"{type(e).__name__}: {e}"
         finally:
             random.setstate(rng[0])
             np.random.set_state(rng[1])
             torch.set_rng_state(rng[2])
-        if error is None:
-            for line in out.getvalue().strip().splitlines():
-                if line.startswith(checkpoint.name):
-                    print(f"[{self.name}] export: {line}", flush=True)
-            return True
         bar = "!" * 80
         print(f"{bar}\n[{self.name}] EXPORT FAILED for {checkpoint}: {error}\n[{self.name}] training goes on; export it "
               f"later with: python -m ettin_train.export {checkpoint} --out {self.repo}\n{bar}", file=sys.stderr, flush=True)

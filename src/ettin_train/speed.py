@@ -39,15 +39,36 @@ def peak_flops(device_name: Optional[str], override: Optional[float] = None) -> 
     return None
 
 
-def batch_flops(cfg: ModelConfig, batch: dict) -> int:
-    """Training FLOPs of one device batch: real lengths from the attention mask; predicted positions
-    are the labelled ones (MLM, MNTP) or, without labels (CLM), every real token but each sequence's last."""
-    lengths = batch["attention_mask"].sum(dim=1)
+def batch_flops_tensor(cfg: ModelConfig, batch: dict) -> torch.Tensor:
+    """Training FLOPs of one device batch as an int64 tensor on the batch's device, computed with tensor ops
+    only, so counting a step never waits for the device (read it at a log interval). Real lengths from the
+    attention mask; predicted positions are the labelled ones (MLM, MNTP) or, without labels (CLM), every
+    real token but each sequence's last. Equal to `model.flops.training_flops` (tests/test_speed.py)."""
+    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    w = cfg.sliding_window // 2
+    n_global = sum(1 for i in range(L) if cfg.is_global_layer(i))
+    n = batch["attention_mask"].sum(dim=1, dtype=torch.int64)
     if "labels" in batch:
-        predicted = int((batch["labels"] != -100).sum())
+        predicted = (batch["labels"] != -100).sum(dtype=torch.int64)
     else:
-        predicted = int(lengths.sum()) - int((lengths > 0).sum())
-    return training_flops(cfg, lengths.tolist(), predicted)
+        predicted = n.sum() - (n > 0).sum()
+
+    def tri(m: torch.Tensor) -> torch.Tensor:
+        m = m.clamp_min(0)
+        return m * (m + 1) // 2
+
+    if cfg.causal:
+        global_pairs, local_pairs = tri(n), tri(n) - tri(n - 1 - w)
+    else:
+        global_pairs, local_pairs = n * n, n * n - 2 * tri(n - 1 - w)
+    layers = 6 * L * (4 * H * H + 3 * H * I) * n.sum()
+    attention = 12 * H * (n_global * global_pairs.sum() + (L - n_global) * local_pairs.sum())
+    return layers + attention + 6 * (H * H + H * V) * predicted
+
+
+def batch_flops(cfg: ModelConfig, batch: dict) -> int:
+    """`batch_flops_tensor` read as a Python int (a host sync where the batch is on a GPU: not for the loop)."""
+    return int(batch_flops_tensor(cfg, batch))
 
 
 class SpeedWindow:
@@ -56,15 +77,16 @@ class SpeedWindow:
     def __init__(self, cfg: ModelConfig, peak: Optional[float], world: int):
         self.cfg, self.peak, self.world = cfg, peak, world
         self.time = self.tokens = None
-        self.flops = 0
+        self.flops = 0  # this rank's FLOPs since the last report: 0 or an int64 tensor on the batches' device
 
     def start(self, now: float, tokens: int) -> None:
         self.time, self.tokens, self.flops = now, tokens, 0
 
     def add(self, batch: dict) -> None:
-        """This rank's batch; counted only when there is a peak to compare with."""
+        """This rank's batch; counted only when there is a peak to compare with. Adds on the batch's device
+        without reading the count back (int64 holds 9.2e18 FLOPs: hours of a GPU at full rate per window)."""
         if self.peak:
-            self.flops += batch_flops(self.cfg, batch)
+            self.flops = self.flops + batch_flops_tensor(self.cfg, batch)
 
     def report(self, now: float, tokens: int, global_flops: Optional[float]) -> dict[str, float]:
         """The window's rates (tokens are the global clock; global_flops: `flops` summed over ranks),
@@ -78,5 +100,8 @@ class SpeedWindow:
 
 
 def local_flops_tensor(window: SpeedWindow) -> torch.Tensor:
-    """This rank's window FLOPs as a tensor to sum over ranks."""
+    """This rank's window FLOPs as a float64 tensor of one element to sum over ranks (on the device the
+    batches were counted on)."""
+    if isinstance(window.flops, torch.Tensor):
+        return window.flops.to(torch.float64).reshape(1)
     return torch.tensor([float(window.flops)], dtype=torch.float64)

@@ -121,7 +121,7 @@ def test_every_tag_reproduces_its_checkpoint_and_reexport_changes_nothing(export
         assert ("ettin_note" in config) == split_theta
         if split_theta:
             assert (config["local_rope_theta"], config["global_rope_theta"]) == (10000.0, 160000.0)
-            assert "patch_decoder_local_rope" in (folder / "README.md").read_text()
+            assert "model.model.local_rotary_emb" in (folder / "README.md").read_text()  # the 4.57 users' patch
             patch_decoder_local_rope(hf_model)
         ours = our_model(run / "checkpoints" / config["ettin_source"])
         assert logit_diff(ours, hf_model) < 1e-4, tag
@@ -132,9 +132,10 @@ def test_every_tag_reproduces_its_checkpoint_and_reexport_changes_nothing(export
     assert state_of(repo) == before
 
 
-def _refused(source: Path, repo: Path, capsys) -> str:
+def _refused(source: Path, repo: Path, capsys, *flags: str) -> str:
     before = state_of(repo)
-    assert export_main([str(source), "--out", str(repo)]) == 2
+    capsys.readouterr()
+    assert export_main([str(source), "--out", str(repo), *flags]) == 2
     assert state_of(repo) == before  # nothing written, nothing committed, no tag
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
@@ -187,6 +188,17 @@ def test_push_delivers_every_tag_and_a_failed_push_says_what_is_missing(exported
     assert proc.returncode == 1
     assert "tags NOT on" in proc.stderr and "NOT on " + str(strict) + ": ext2\n" in proc.stderr
     assert "on " + str(strict) + ": decay2 ext1 step2 step4\n" in proc.stderr
+
+
+def test_flags_that_contradict_the_run_metadata_are_refused_with_both_values(exported, tmp_path, capsys):
+    runs, repo = exported("mlm")
+    ckpt = runs[0] / "checkpoints" / "ep0-ba4-rank0.pt"  # pre-training: RunMetadata records theta 10000, window 16
+    err = _refused(ckpt, repo, capsys, "--rope-theta-global", "160000")
+    assert "--rope-theta-global 160000" in err and "RunMetadata records rope_theta_global 10000" in err
+    err = _refused(ckpt, repo, capsys, "--sliding-window", "128")
+    assert "--sliding-window 128" in err and "sliding_window 16" in err
+    err = _refused(ckpt, repo, capsys, "--phase", "decay")
+    assert "--phase decay" in err and "'pretrain'" in err
 
 
 def test_a_verification_failure_commits_nothing(exported, tmp_path, monkeypatch, capsys):

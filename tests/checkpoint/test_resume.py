@@ -13,6 +13,7 @@ import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.export import main as export_main
+from tests.checkpoint.original_optimizer import OPTIMI_021_GROUP, TIMESTAMP_KEYS, original_envelope
 from tests.conftest import run_train, tiny_recipe, write_recipe
 from tests.data.test_replay import STEPS as REPLAY_STEPS
 from tests.data.test_replay import WIDTH as REPLAY_WIDTH
@@ -20,16 +21,12 @@ from tests.data.test_replay import order  # noqa: F401 - the published-format or
 
 pytestmark = pytest.mark.slow
 
-# optimi 0.2.1's parameter-group fields (research section 3.5); optimi 0.3 adds `triton`.
-OPTIMI_021_GROUP = ("lr", "beta1", "beta2", "eps", "weight_decay", "decouple_lr", "max_lr", "kahan_sum", "foreach",
-                    "gradient_release", "setup", "step", "initial_lr", "params")
-
 
 def original_layout(ckpt: dict) -> dict:
-    """A checkpoint as the original runs wrote it (Composer 0.24.1, optimi 0.2.1, DDP, section 3.5), from one of
-    ours: optimizer state keyed by parameter index, optimi 0.2.1 group fields, no dataset position (the original's
-    loader was map-style: `dataset_state.train` None), the original's callbacks, a HuggingFace integration entry,
-    and a CUDA RNG state per rank."""
+    """One of our checkpoints rewritten field by field into the original runs' layout (Composer 0.24.1, optimi
+    0.2.1, DDP, section 3.5): optimizer state keyed by parameter index in our groups' order (the original's,
+    `[no decay, decay]`), optimi 0.2.1 group fields, and the original's envelope (original_optimizer.py, which also
+    builds such a checkpoint the way the original code does)."""
     state = ckpt["state"]
     opt = state["optimizers"]["StableAdamW"]
     index, groups = {}, []
@@ -40,30 +37,9 @@ def original_layout(ckpt: dict) -> dict:
     moments = {index[name]: dict(v) for name, v in opt["state"].items()}
     assert set(moments) == set(range(len(index)))  # every parameter has state (the tied decoder.weight is one)
     ts = state["timestamp"]["Timestamp"]
-    return {
-        "state": {
-            "model": dict(state["model"]),
-            "optimizers": {"StableAdamW": {"state": moments, "param_groups": groups}},
-            "schedulers": {"LambdaLR": dict(state["schedulers"]["LambdaLR"])},
-            "algorithms": [],
-            "callbacks": {"SpeedMonitor": {"total_eval_wct": 0.0}, "LRMonitor": {}, "ScheduledGarbageCollector": {},
-                          "LogGradNorm": {}, "PackingEfficency": {}},
-            "timestamp": {"Timestamp": {k: ts[k] for k in ("iteration", "epoch", "batch", "sample", "token",
-                                                           "epoch_in_iteration", "token_in_iteration", "batch_in_epoch",
-                                                           "sample_in_epoch", "token_in_epoch", "total_wct",
-                                                           "iteration_wct", "epoch_wct", "batch_wct")}},
-            "rank_zero_seed": 21,
-            "run_name": "ettin-encoder-tiny",
-            "dataset_state": {"train": None, "eval": {}},
-            "integrations": {"huggingface": {"model": {"config": {"content": {"model_type": "flex_bert"},
-                                                                  "class": "src.bert_layers.model.FlexBertForMaskedLM"}},
-                                             "tokenizer": {}}},
-            "metadata": {"composer_env_info": {"composer_version": "0.24.1"}, "torch_version": "2.4.0",
-                         "device": "gpu", "precision": "amp_bf16", "world_size": 1, "device_train_microbatch_size": 8,
-                         "train_dataloader_batch_size": 8},
-        },
-        "rng": [dict(r, cuda=torch.zeros(16, dtype=torch.uint8)) for r in ckpt["rng"]],
-    }
+    return original_envelope(dict(state["model"]), {"state": moments, "param_groups": groups},
+                             dict(state["schedulers"]["LambdaLR"]), {k: ts[k] for k in TIMESTAMP_KEYS},
+                             [dict(r, cuda=torch.zeros(16, dtype=torch.uint8)) for r in ckpt["rng"]])
 
 
 def _ckpt(run: Path, step: int) -> dict:

@@ -15,8 +15,10 @@ import torch
 
 from ettin_train.checkpoint.safe_load import safe_load
 
-_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
-_SHARDED_NAME = re.compile(r"^ep(\d+)-ba(\d+)$")
+# The names Composer gives checkpoints (and latest-rank0.pt, a symlink, is not one of its own).
+CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
+SHARDED_NAME = re.compile(r"^ep(\d+)-ba(\d+)$")
+LATEST = "latest-rank0.pt"
 
 
 def is_sharded(path: Path) -> bool:
@@ -24,19 +26,25 @@ def is_sharded(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or the newest `ep*-ba*-rank0.pt` in a folder (or its `checkpoints/`)."""
+def list_checkpoints(path: str | Path) -> list[Path]:
+    """A checkpoint as given, or the checkpoints in a folder (or its `checkpoints/`) in batch order: the
+    `ep*-ba*-rank0.pt` files and sharded `ep*-ba*/` folders, not symlinks such as latest-rank0.pt."""
     path = Path(path)
     if path.is_file() or is_sharded(path):
-        return path
+        return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     for folder in (path / "checkpoints", path):
-        found = [(int(m.group(2)), f) for f in folder.glob("ep*-ba*-rank0.pt") if (m := _NAME.match(f.name))]
-        found += [(int(m.group(2)), f) for f in folder.glob("ep*-ba*") if (m := _SHARDED_NAME.match(f.name)) and is_sharded(f)]
+        found = sorted((int(m.group(2)), f) for f in folder.glob("ep*-ba*") if not f.is_symlink() and (
+            ((m := CHECKPOINT_NAME.match(f.name)) and f.is_file()) or ((m := SHARDED_NAME.match(f.name)) and is_sharded(f))))
         if found:
-            return max(found)[1]
+            return [f for _, f in found]
     raise FileNotFoundError(f"no checkpoint (ep*-ba*-rank0.pt or a sharded ep*-ba*/ folder) in {path} or {path / 'checkpoints'}")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or the newest checkpoint in a folder (or its `checkpoints/`)."""
+    return list_checkpoints(path)[-1]
 
 
 def load_checkpoint(path: str | Path, trust_pickles: bool = False) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from ettin_train.checkpoint import digest
 from ettin_train.checkpoint.composer_format import find_checkpoint, load_checkpoint, model_state_dict
+from ettin_train.checkpoint.optimizer_state import OptimizerStateError, ParamLayout, weight_decay_groups
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
 from ettin_train.config import Recipe
 from ettin_train.model import EttinModel
@@ -54,16 +55,17 @@ def start_phase_from(path: str, recipe: Recipe, model: EttinModel, optimizer: to
         saved = ckpt["state"].get("optimizers", {}).get("StableAdamW")
         if saved is None:
             sys.exit(f"error: init.checkpoint {file} has no StableAdamW state; set init.load=model to take only the weights")
-        optimizer.load_state_dict(saved)
+        try:  # matched by parameter name (or the original's index order), not by group position
+            matched, _ = ParamLayout.of(model, optimizer).rebuild(saved, keyed="index")
+        except OptimizerStateError as e:
+            sys.exit(f"error: init.checkpoint {file}: {e}")
+        optimizer.load_state_dict(matched)
         opt = recipe.optimizer
-        for group, wd in zip(optimizer.param_groups, (opt.weight_decay, 0.0)):
+        for group, fresh in zip(optimizer.param_groups, weight_decay_groups(model, opt.weight_decay)):
             # torch restores the saved hyperparameters with the moments; the recipe's values win.
             # `max_lr` (the reference for decoupled weight decay) stays as saved, as in the original.
-            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=wd, beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps)
-            for key, value in optimizer.defaults.items():  # keys an older optimi (the original's 0.2.1) did not save
-                group.setdefault(key, value)
-            if not torch.cuda.is_available():
-                group["triton"] = False  # a GPU run's choice of kernels does not carry over to the CPU (train/shims.py)
+            group.update(lr=opt.lr, initial_lr=opt.lr, weight_decay=fresh["weight_decay"], beta1=opt.betas[0],
+                         beta2=opt.betas[1], eps=opt.eps)
         taken += " and optimizer moments"
     step = ckpt["state"]["timestamp"]["Timestamp"]["batch"]
     return f"{taken} from {file} (its step {int(step)}); clock, schedule and learning rate start fresh"

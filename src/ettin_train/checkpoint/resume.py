@@ -3,16 +3,14 @@
 A full resume (`checkpoint.load_path`, or autoresume from the run folder) continues the same run at the next
 batch: Composer restores the weights, the optimizer (moments and hyperparameters), the `LambdaLR` scheduler, the
 clock, the RNG and the data position. Checkpoints of the original runs (Composer 0.24.1 with torch-optimi 0.2.1,
-research section 3.5) differ from what Composer 0.32.1 with optimi 0.3 reads in two ways; `CurrentLayout` rewrites
-them in memory while Composer loads them (its `load_ignore_keys` hook), so local and remote files are handled alike:
+research section 3.5) differ from what Composer 0.32.1 with optimi 0.3 reads; `CurrentLayout` rewrites them in
+memory while Composer loads them (its `load_ignore_keys` hook), so local and remote files are handled alike:
 
-- parameter-group keys optimi 0.2.1 did not have (`triton`) are filled from this optimizer, and `triton` is always
-  this machine's choice (a GPU run's kernels do not carry over to a CPU);
+- the optimizer state, keyed by parameter index in the original's groups `[no decay, decay]` (ours is keyed by
+  name), is matched to this run's parameters by identity and rewritten keyed by name in this optimizer's groups,
+  with the group keys optimi 0.2.1 did not have (`triton`) filled in (`optimizer_state.py`);
 - `dataset_state.train` None (the original used a map-style loader and saved no position): the position is the
   clock's, so the loader (the replayed order, or own data's permutation) seeks straight to the next step.
-
-Optimizer state keyed by parameter index (section 3.5; ours is keyed by name) needs nothing: torch 2.7's
-`set_optimizer_state_dict` passes index-keyed state to `Optimizer.load_state_dict`, which matches by position.
 
 Nothing here imports Composer.
 """
@@ -21,6 +19,7 @@ from __future__ import annotations
 
 from ettin_train.checkpoint import digest
 from ettin_train.checkpoint.composer_format import find_checkpoint
+from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 
 # What Composer 0.32.1's load_path downloads: its object stores by URI, and plain HTTP(S) (a Hub file's resolve URL).
@@ -64,10 +63,11 @@ def is_remote(path: str) -> bool:
     return True
 
 
-def check_full_checkpoint(path: str, model_keys: set[str], trust_pickles: bool = False, verify_digest: bool = True) -> str:
+def check_full_checkpoint(path: str, model_keys: set[str], layout: ParamLayout, trust_pickles: bool = False,
+                          verify_digest: bool = True) -> str:
     """The local checkpoint file `path` names (a file, or a run folder's newest), after checking that it holds a
-    whole training state for this model. Raises ValueError with a one-line reason (UnsafeCheckpointError for a
-    pickle that needs types a checkpoint does not hold)."""
+    whole training state for this model, with moments for each of `layout`'s parameters. Raises ValueError with a
+    one-line reason (UnsafeCheckpointError for a pickle that needs types a checkpoint does not hold)."""
     try:
         file = find_checkpoint(path)
     except FileNotFoundError as e:
@@ -91,6 +91,10 @@ def check_full_checkpoint(path: str, model_keys: set[str], trust_pickles: bool =
     if "StableAdamW" not in (state.get("optimizers") or {}):
         raise ValueError(f"{file} has no StableAdamW state, so it cannot be continued as the same run; "
                          "to start from its weights use init.checkpoint with init.load=model")
+    try:
+        layout.match(state["optimizers"]["StableAdamW"])
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
     if "Timestamp" not in (state.get("timestamp") or {}):
         raise ValueError(f"{file} has no timestamp, so the step to continue at is unknown")
     return str(file)
@@ -100,9 +104,9 @@ class CurrentLayout:
     """Composer's `load_ignore_keys` callable: rewrites a checkpoint's state in place into the layout this stack
     reads (see the module docstring); `notes` says what it changed, for the start block."""
 
-    def __init__(self, defaults: dict, data_position):
+    def __init__(self, layout: ParamLayout, data_position):
         # data_position(samples consumed in the epoch) -> the dataset's state dict (both loaders can seek)
-        self.defaults, self.data_position = defaults, data_position
+        self.layout, self.data_position = layout, data_position
         self.notes: list[str] = []
 
     def __call__(self, checkpoint: dict) -> None:
@@ -117,12 +121,9 @@ class CurrentLayout:
             self.notes.append(f"no data position in the checkpoint: the loader seeks past its first {samples:,} samples")
 
     def _optimizer(self, opt: dict) -> None:
-        added = set()
-        for group in opt["param_groups"]:
-            for key in self.defaults.keys() - group.keys():
-                group[key] = self.defaults[key]
-                added.add(key)
-            group["triton"] = self.defaults.get("triton", False)
+        matched, added = self.layout.rebuild(opt, keyed="name")
+        opt.clear()
+        opt.update(matched)
         if added:
             self.notes.append(f"optimizer keys the checkpoint's optimi lacks, taken from the recipe: {', '.join(sorted(added))}")
 

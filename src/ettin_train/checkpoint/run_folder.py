@@ -7,6 +7,11 @@ symlink swap. `prepare_resume` runs before every start (preflight.py): it points
 newest checkpoint whose marker matches, and moves anything newer out of the way (`.partial` files are
 deleted, unmarked ones renamed `.incomplete`, damaged ones `.damaged`), so a run killed at any moment resumes from the last
 complete checkpoint. See docs/reliability.md.
+
+`finished_run` says whether the checkpoint autoresume would load has reached the recipe's `train.max_duration`: a
+finished run started again (a Slurm requeue, a pipeline step run twice) is then reported complete by train.py,
+which exits 0 without building the trainer (Composer would refuse a clock at max_duration). A recipe whose
+max_duration grew is not finished and continues. Nothing here imports Composer.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ettin_train.checkpoint import digest
+from ettin_train.checkpoint.composer_format import LATEST, is_sharded, load_checkpoint
 from ettin_train.checkpoint.digest import MARKER
+from ettin_train.checkpoint.safe_load import safe_load
+from ettin_train.config import Duration, Recipe
 
 _CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 
@@ -87,3 +96,47 @@ def fsync(path: str | Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+CLOCK = {"ba": "batch", "tok": "token"}  # max_duration unit -> the Timestamp field it is measured on
+
+
+@dataclass
+class Finished:
+    run_name: str
+    step: int
+    tokens: int
+    max_duration: str
+    checkpoint: Path
+
+    def line(self) -> str:
+        return (f"[{self.run_name}] already complete: step {self.step}, {self.tokens:,} tokens (train.max_duration "
+                f"{self.max_duration}); final checkpoint {self.checkpoint}. Nothing to train; raise "
+                "train.max_duration to continue it.")
+
+
+def read_clock(path: Path, trust_pickles: bool = False) -> dict[str, int]:
+    """The Timestamp of a checkpoint, without reading its tensors (a file is memory-mapped)."""
+    if is_sharded(path):
+        state = load_checkpoint(path)["state"]
+    else:
+        state = safe_load(path, trust_pickles=trust_pickles, mmap=True)["state"]
+    return {k: int(getattr(v, "value", v)) for k, v in state["timestamp"]["Timestamp"].items() if k in ("batch", "token")}
+
+
+def finished_run(recipe: Recipe) -> Finished | None:
+    """The run's final checkpoint when the checkpoint autoresume would load has reached train.max_duration."""
+    latest = Path(recipe.run_dir) / "checkpoints" / LATEST
+    if not recipe.checkpoint.autoresume or not latest.exists():
+        return None
+    target = latest.parent / os.readlink(latest) if latest.is_symlink() else latest
+    try:
+        clock = read_clock(target, recipe.checkpoint.trust_pickles)
+    except Exception:  # noqa: BLE001 - unreadable (a crash mid-write): the trainer's preflight repairs and reports it
+        return None
+    total, unit = Duration.parse(recipe.train.max_duration)
+    if clock[CLOCK[unit]] < total:
+        return None
+    if digest.check(target, digest=recipe.checkpoint.verify_digest):  # damaged: the trainer sets it aside, resumes
+        return None
+    return Finished(recipe.run_name, clock["batch"], clock["token"], recipe.train.max_duration, target)

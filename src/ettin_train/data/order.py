@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-# Published folder prefix -> our phase name (the names of the revision tags: step/ext/decay).
-PHASE_PREFIXES = {"checkpoint": "pretrain", "ext": "ext", "decay": "decay"}
-PHASES = tuple(PHASE_PREFIXES.values())
+from ettin_train.phases import PHASES as ALL_PHASES, SHORT_NAMES
+
+# Published folder prefix -> the order's phase name (ettin_train.phases: short names pretrain, ext, decay).
+PHASE_PREFIXES = {p.order_dir: p.short for p in ALL_PHASES}
+PHASES = SHORT_NAMES
 FILE_RE = re.compile(r"^steps_(\d+)_to_(\d+)\.parquet$")
-FOLDER_RE = re.compile(r"^(checkpoint|ext|decay)_(\d+)$")
+FOLDER_RE = re.compile(rf"^({'|'.join(PHASE_PREFIXES)})_(\d+)$")
 INDEX_NAME = "order_index.json"
 FORMAT = "ettin-order-v1"
 COLUMNS = {"input_ids": "ndarray:uint32", "step": "int", "row": "int"}

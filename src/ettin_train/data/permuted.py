@@ -27,9 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ettin_train.data.replay import mask_key
-
-# The recipe's phase names -> the order's (mask keys use the order's, as replay does).
-ORDER_PHASE = {"pretrain": "pretrain", "extension": "ext", "decay": "decay"}
+from ettin_train.phases import phase as phase_named
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ class PermutedBatches(IterableDataset):
 
         if global_batch % world:
             raise ValueError(f"train.global_batch {global_batch} is not divisible by the world size {world}")
-        self.sources, self.seed, self.phase = sources, seed, ORDER_PHASE[phase]
+        self.sources, self.seed, self.phase = sources, seed, phase_named(phase).short  # mask keys use the order's names, as replay does
         self.global_batch, self.rank, self.world, self.collate = global_batch, rank, world, collate
         self.datasets = [FramedMDSDataset(local=s.local, remote=s.remote, split=s.split, shuffle=False,
                                           batch_size=global_batch // world, seq_len=seq_len, tokens=tokens, force_sep=force_sep)

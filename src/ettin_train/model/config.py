@@ -20,6 +20,8 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "1b": (28, 1792, 3840, 28),
 }
 
+ATTENTION_BACKENDS = ("auto", "varlen", "fa4", "flash", "flex", "sdpa")
+
 
 @dataclass
 class ModelConfig:
@@ -46,8 +48,9 @@ class ModelConfig:
     # The original built its embedding with padding_idx=0 (bert-base-uncased's pad id), so row 0 never
     # receives a gradient through the lookup. Kept for fidelity; set null to train row 0 normally.
     embedding_padding_idx: Optional[int] = 0
-    # "auto": flash-attn varlen on CUDA when installed, else FlexAttention on CUDA, else per-sequence SDPA
-    # (CPU). "flash", "flex" or "sdpa" force one.
+    # "auto": on CUDA in bf16/fp16 torch's varlen attention (torch >= 2.11), else flash-attn where
+    # installed, else FlexAttention; per-sequence SDPA on CPU. "varlen", "fa4" (flash-attn-4 through
+    # torch), "flash", "flex" or "sdpa" force one (docs/model.md).
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -65,8 +68,8 @@ class ModelConfig:
             raise ValueError(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
         if self.sliding_window < 2:
             raise ValueError(f"model.sliding_window must be at least 2 (a window of sliding_window // 2 each side), got {self.sliding_window}")
-        if self.attention_backend not in ("auto", "sdpa", "flash", "flex"):
-            raise ValueError(f"model.attention_backend: {self.attention_backend!r} is not one of auto, sdpa, flash, flex")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend: {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def head_dim(self) -> int:

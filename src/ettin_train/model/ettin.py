@@ -6,7 +6,13 @@ original runs load without a key map.
 
 The layers run on *unpadded* tokens: `Packed` holds the real tokens of a batch as one (tokens, hidden)
 stream, so padding costs no FLOPs in projections, MLPs and norms. Attention is the only place that
-needs sequence structure; it has three backends in one module:
+needs sequence structure; it has these backends in one module:
+  - "varlen": torch's own varlen flash attention (`torch.nn.attention.varlen.varlen_attn`, FA2 kernels
+             inside torch) on the packed stream with cu_seqlens, causality and the window (CUDA, bf16/fp16;
+             torch >= 2.11, whose varlen_attn takes `window_size`). A torch custom op, so compiled layers
+             trace it whole;
+  - "fa4":   the same op with torch's FlashAttention-4 implementation activated (needs the optional
+             `flash-attn-4` package and a torch with `activate_flash_attention_impl`; Hopper/Blackwell);
   - "flash": flash-attn's varlen kernel on the packed stream (CUDA, bf16/fp16);
   - "flex":  PyTorch FlexAttention on the packed stream with a block-sparse mask built from the sequence
              boundaries and the window (compiled kernel on CUDA; the unfused reference on CPU, for tests);
@@ -16,6 +22,8 @@ needs sequence structure; it has three backends in one module:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +39,35 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+try:  # torch >= 2.10; only 2.11 and later take window_size (2.10's takes is_causal alone)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+# The local layers need the window, so a varlen_attn without window_size counts as missing.
+VARLEN_WINDOW = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def fa4_available() -> bool:
+    """flash-attn-4 installed and a torch that can route its flash kernels to it."""
+    try:
+        from torch.nn.attention import activate_flash_attention_impl  # noqa: F401
+        import flash_attn.cute  # noqa: F401 - the optional flash-attn-4 package
+    except Exception:  # noqa: BLE001 - missing, or its CuTe DSL runtime fails to load: then it does not run here
+        return False
+    return VARLEN_WINDOW
+
+
+def activate_fa4() -> None:
+    """Route torch's flash-attention kernels (varlen_attn's included) to FlashAttention-4. Process-wide:
+    every later flash SDPA call in this process runs FA4 too, so it is done only when a model asks for fa4."""
+    from torch.nn.attention import activate_flash_attention_impl, current_flash_attention_impl
+
+    if current_flash_attention_impl() != "FA4":
+        activate_flash_attention_impl("FA4")
 
 _compiled_flex = None
 
@@ -62,9 +99,10 @@ class Packed:
         mask = attention_mask.bool()
         lengths = mask.sum(1, dtype=torch.int32)
         cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        indices = mask.flatten().nonzero().squeeze(1)  # a host sync (the token count), before any layer runs
         return cls(
-            indices=mask.flatten().nonzero().squeeze(1),
-            positions=(mask.cumsum(1) - 1)[mask],
+            indices=indices,
+            positions=(mask.cumsum(1) - 1).flatten()[indices],
             cu_seqlens=cu,
             max_seqlen=int(lengths.max()) if lengths.numel() else 0,
             batch=mask.shape[0],
@@ -210,22 +248,38 @@ class Attention(nn.Module):
         self.half_window = -1 if is_global else cfg.sliding_window // 2
         self.rope_theta = cfg.rope_theta_global if is_global else cfg.local_theta
         self.backend = cfg.attention_backend
+        self.resolved: str | None = None  # this batch's backend, set by prepare()
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.out_drop = nn.Dropout(cfg.attn_out_dropout)
 
     def prepare(self, packed: Packed, dtype: torch.dtype) -> None:
-        """Build this batch's RoPE table and FlexAttention mask once per batch, before the layers run."""
+        """Build this batch's RoPE table and masks once per batch, before the layers run, so a compiled
+        layer only reads them (no host sync, no cache filling inside the graph)."""
         packed.rope(self.rope_theta, self.head_dim, dtype)
-        if self._resolve_backend(packed.indices, dtype) == "flex":
+        # Resolved here, eagerly: the availability checks (imports) must not run inside a compiled layer.
+        backend = self.resolved = self._resolve_backend(packed.indices, dtype)
+        if backend == "flex":
             packed.flex_mask(self.half_window, self.causal)
+            _flex_kernel(packed.indices.is_cuda)  # create the compiled kernel outside the layer's graph
+        elif backend == "fa4":
+            activate_fa4()
+        elif backend == "sdpa" and packed.indices.is_cuda:
+            packed.sdpa_mask(self.half_window, self.causal)
+        elif backend == "sdpa":
+            for start, end in packed.spans():
+                if 0 <= self.half_window < end - start - 1:  # the window binds: windowed_sdpa's block mask
+                    packed.block_mask(end - start, self.half_window, self.causal)
 
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
         q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         cos, sin = packed.rope(self.rope_theta, self.head_dim, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = self._resolve_backend(q, q.dtype)
-        if backend == "flash":
+        backend = self.resolved if self.resolved is not None else self._resolve_backend(q, q.dtype)
+        if backend in ("varlen", "fa4"):
+            out = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                              window_size=self.window_size())
+        elif backend == "flash":
             out = flash_attn_varlen_func(
                 q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
                 causal=self.causal, window_size=(self.half_window, self.half_window),
@@ -242,14 +296,34 @@ class Attention(nn.Module):
             out = packed.unpad(out.transpose(1, 2))
         return self.out_drop(self.Wo(out.reshape(x.shape[0], -1)))
 
+    def window_size(self) -> tuple[int, int]:
+        """(keys left, keys right) of a query in flash-attention's convention, -1 for unbounded: a decoder
+        sees no key to its right; a local layer sees half_window each side."""
+        return (self.half_window, 0 if self.causal else self.half_window)
+
     def _resolve_backend(self, t: torch.Tensor, dtype: torch.dtype) -> str:
-        """auto: flash-attn where it can run, else FlexAttention on CUDA, else per-sequence SDPA on CPU."""
-        flash_ok = flash_attn_varlen_func is not None and t.is_cuda and dtype in (torch.float16, torch.bfloat16)
-        if self.backend == "flash" and not flash_ok:
-            raise RuntimeError("model.attention_backend=flash needs flash-attn, a CUDA device and bf16/fp16 activations")
+        """auto on CUDA in bf16/fp16: torch's varlen attention, else flash-attn, else FlexAttention; CUDA in
+        fp32: FlexAttention; CPU: per-sequence SDPA. An explicit backend that cannot run here is an error."""
         if self.backend == "auto":
-            return "flash" if flash_ok else ("flex" if t.is_cuda else "sdpa")
+            if not t.is_cuda:
+                return "sdpa"
+            return next(b for b in ("varlen", "flash", "flex") if backend_runs(b, t.device, dtype))
+        if not backend_runs(self.backend, t.device, dtype):
+            raise RuntimeError(f"model.attention_backend={self.backend} needs {BACKEND_NEEDS[self.backend]}, "
+                               "a CUDA device and bf16/fp16 activations")
         return self.backend
+
+
+BACKEND_NEEDS = {"varlen": "torch >= 2.11 (varlen_attn with window_size)",
+                 "fa4": "the flash-attn-4 package and torch >= 2.11", "flash": "flash-attn"}
+
+
+def backend_runs(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an attention backend can run on this device with these activations (flex and sdpa run anywhere;
+    the flash kernels need CUDA and bf16/fp16)."""
+    fast = device.type == "cuda" and dtype in FLASH_DTYPES
+    return {"varlen": fast and VARLEN_WINDOW, "fa4": fast and fa4_available(),
+            "flash": fast and flash_attn_varlen_func is not None}.get(backend, True)
 
 
 class GLU(nn.Module):
@@ -334,9 +408,11 @@ class EttinModel(nn.Module):
         self.decoder.weight = self.bert.embeddings.tok_embeddings.weight
         self.reset_parameters()
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packed]:
-        """Final hidden states of the real tokens, (tokens, hidden), and where they sit in the batch."""
-        packed = Packed.from_mask(attention_mask)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               packed: Packed | None = None) -> tuple[torch.Tensor, Packed]:
+        """Final hidden states of the real tokens, (tokens, hidden), and where they sit in the batch.
+        `packed`: the batch's Packed when the caller built it already (Packed.from_mask(attention_mask))."""
+        packed = Packed.from_mask(attention_mask) if packed is None else packed
         return self.bert(input_ids, packed), packed
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -366,13 +442,17 @@ class EttinModel(nn.Module):
                 nn.init.ones_(module.weight)
         nn.init.zeros_(self.decoder.bias)
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, backend: str = "inductor", fullgraph: bool = True) -> None:
         """torch.compile each layer; the per-batch mask and RoPE building stays eager (Backbone.forward).
-        Layers differ in window and first-layer norm, and the token count varies per batch, so a model
-        needs a handful of graph variants: raise dynamo's per-function limit so none falls back to eager."""
+        fullgraph (the default): a graph break is an error, not a silent slowdown. Every attention backend
+        traces whole: varlen_attn is a custom op, FlexAttention a higher-order op, the CPU SDPA path plain
+        tensor code on masks built in prepare(). FSDP2 puts its hooks on the layers, inside the compiled
+        call, so parallel.prepare turns fullgraph off there. Layers differ in window and first-layer norm, and
+        the token count varies per batch, so a model needs a handful of graph variants: raise dynamo's
+        per-function limit so none falls back to eager. backend: aot_eager for CPU tests (no code generation)."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in self.bert.encoder["layers"]:
-            layer.compile()
+            layer.compile(backend=backend, fullgraph=fullgraph)
 
     def num_params(self) -> int:
         """Unique parameters: the tied decoder weight counts once, its bias counts."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ettin_train.model import Packed
 from ettin_train.objectives.base import Objective, SpecialTokens, pad_right
 
 
@@ -20,13 +21,15 @@ def make_collator(tokens: SpecialTokens, mask_rate: float, seed: int):
 
 
 def loss(model, batch: dict) -> torch.Tensor:
-    hidden, packed = model.encode(batch["input_ids"], batch["attention_mask"])
+    # Positions with a target are found before the layers are queued (see mlm.loss).
+    packed = Packed.from_mask(batch["attention_mask"])
     ids = batch["input_ids"].flatten()[packed.indices]
     has_next = torch.ones_like(ids, dtype=torch.bool)
     has_next[packed.cu_seqlens[1:].long() - 1] = False
-    targets = ids.roll(-1)[has_next]
-    logits = model.predict(hidden[has_next])
-    return F.cross_entropy(logits.float(), targets)
+    scored = has_next.nonzero().squeeze(1)
+    hidden, _ = model.encode(batch["input_ids"], batch["attention_mask"], packed)
+    logits = model.predict(hidden.index_select(0, scored))
+    return F.cross_entropy(logits.float(), ids.roll(-1).index_select(0, scored))
 
 
 CLM = Objective(name="clm", causal=True, make_collator=make_collator, loss=loss)

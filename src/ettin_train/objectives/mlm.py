@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ettin_train.model import Packed
 from ettin_train.objectives.base import Objective, SpecialTokens, pad_right
 
 
@@ -41,13 +42,16 @@ def make_collator(tokens: SpecialTokens, mask_rate: float, seed: int):
 
 
 def loss(model, batch: dict) -> torch.Tensor:
-    hidden, packed = model.encode(batch["input_ids"], batch["attention_mask"])
+    # The masked positions are found before the layers are queued: their host sync (how many) then waits
+    # for the batch's copy to the device only, not for the forward pass, and the head runs on them alone.
+    packed = Packed.from_mask(batch["attention_mask"])
     labels = batch["labels"].flatten()[packed.indices]
-    scored = labels != -100
-    if not bool(scored.any()):  # a microbatch without a masked token: contribute nothing, keep the graph
+    scored = (labels != -100).nonzero().squeeze(1)
+    hidden, _ = model.encode(batch["input_ids"], batch["attention_mask"], packed)
+    if scored.numel() == 0:  # a microbatch without a masked token: contribute nothing, keep the graph
         return hidden.sum() * 0.0
-    logits = model.predict(hidden[scored])
-    return F.cross_entropy(logits.float(), labels[scored])
+    logits = model.predict(hidden.index_select(0, scored))
+    return F.cross_entropy(logits.float(), labels.index_select(0, scored))
 
 
 MLM = Objective(name="mlm", causal=False, make_collator=make_collator, loss=loss)

@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ettin_train.model import Packed
 from ettin_train.objectives.base import Objective
 from ettin_train.objectives.mlm import make_collator
 
 
 def loss(model, batch: dict) -> torch.Tensor:
-    hidden, packed = model.encode(batch["input_ids"], batch["attention_mask"])
+    # Positions are found before the layers are queued (see mlm.loss).
+    packed = Packed.from_mask(batch["attention_mask"])
     labels = batch["labels"].flatten()[packed.indices]
     has_previous = torch.ones_like(labels, dtype=torch.bool)
     has_previous[packed.cu_seqlens[:-1].long()] = False  # first token of each sequence
     scored = ((labels != -100) & has_previous).nonzero().squeeze(1)
+    hidden, _ = model.encode(batch["input_ids"], batch["attention_mask"], packed)
     if scored.numel() == 0:  # nothing masked in this microbatch: contribute nothing, keep the graph
         return hidden.sum() * 0.0
     logits = model.predict(hidden[scored - 1])  # the previous position of the same (packed) sequence

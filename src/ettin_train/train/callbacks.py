@@ -3,25 +3,25 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from composer import Callback, State, Trainer
+from composer.callbacks import CheckpointSaver
 from composer.devices import DeviceGPU
 from composer.loggers import Logger
 from composer.utils import dist
 
 from ettin_train import speed
 from ettin_train.config import Duration, Recipe, recipe_to_dict
-from ettin_train.data.order import rows_sha256
+from ettin_train.data.ledger import LedgerBuffer
 from ettin_train.live_export import CheckpointExporter
 
 
 class Progress(Callback):
     """One console line every `interval` steps on rank 0: step, loss, lr, tokens, tokens/s and (on CUDA)
-    MFU over the last interval, ETA. The same rates go to the loggers as throughput/*."""
+    MFU over the last interval and peak memory, ETA. The same rates go to the loggers as throughput/*."""
 
     def __init__(self, recipe: Recipe, interval: int):
         self.interval = interval
@@ -58,6 +58,8 @@ class Progress(Callback):
         tokens = state.timestamp.token.value
         tok_per_s = rates["throughput/tokens_per_sec"]
         mfu = f"  MFU {rates['throughput/mfu']:.1%}" if "throughput/mfu" in rates else ""
+        if isinstance(state.device, DeviceGPU):  # the peak since the run started, allocated by torch
+            mfu += f"  mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
         progress, rate = (tokens, (tokens - self.start_tokens) / max(elapsed, 1e-9)) if self.unit == "tok" \
             else (step, (step - self.start_batch) / max(elapsed, 1e-9))
         eta = max(0.0, self.total - progress) / rate if rate > 0 else float("nan")
@@ -85,41 +87,37 @@ class RunMetadata(Callback):
 
 
 class Ledger(Callback):
-    """`ledger.jsonl` in the run folder: one line per step with the step, phase, data step (replay),
-    rows, non-padding tokens, the loss, `rows_sha256` (sha256 over the step's global rows in order, each row's
-    non-padding ids as little-endian int32; the same digest data_tools/show_batch.py prints for a step
-    of an order) and `inputs_sha256` (the same over the model's inputs, i.e. after MLM masking)."""
+    """`ledger.jsonl` in the run folder, one line per step (data/ledger.py says what a line holds). Each
+    step is buffered on its rank without waiting on the device; the lines are written at every progress
+    interval, before every checkpoint (so a checkpoint's steps are always in the ledger) and at the end."""
 
-    def __init__(self, path: Path, phase: str):
-        self.path, self.phase = path, phase
+    def __init__(self, path: Path, phase: str, interval: int):
+        self.buffer, self.interval = LedgerBuffer(path, phase), interval
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        # A run killed after its last checkpoint wrote lines for steps it will now train again.
-        if dist.get_global_rank() == 0 and self.path.exists():
-            resumed_at = state.timestamp.batch.value
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_at]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+        if dist.get_global_rank() == 0:
+            self.buffer.truncate_after(state.timestamp.batch.value)
+        # Every checkpoint's steps must be in the ledger before the checkpoint exists: flush inside each
+        # saver's write (all ranks enter it together). BATCH_CHECKPOINT itself fires every step.
+        for saver in (cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)):
+            if not getattr(saver, "_flushes_ledger", False):
+                saver._save_checkpoint = self._flush_before(saver._save_checkpoint)
+                saver._flushes_ledger = True
+
+    def _flush_before(self, save):
+        def save_after_flush(state: State, logger: Logger) -> None:
+            self.buffer.flush()
+            save(state, logger)
+        return save_after_flush
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        batch = state.batch
-        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-        labels = batch.get("labels")
-        original = ids if labels is None else torch.where(labels.cpu() != -100, labels.cpu(), ids)
-        mine = ([original[i][mask[i]].numpy() for i in range(len(ids))], [ids[i][mask[i]].numpy() for i in range(len(ids))],
-                float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan"))
-        gathered = dist.all_gather_object(mine)
-        if dist.get_global_rank() != 0:
-            return
-        rows = [r for rank_rows, _, _ in gathered for r in rank_rows]
-        inputs = [r for _, rank_inputs, _ in gathered for r in rank_inputs]
-        line = {"step": state.timestamp.batch.value, "phase": self.phase,
-                "data_step": int(batch["step"][0]) if "step" in batch else None,
-                "rows": len(rows), "tokens": int(sum(len(r) for r in rows)),
-                "rows_sha256": rows_sha256(rows), "inputs_sha256": rows_sha256(inputs),
-                # the mean of the ranks' losses: the loss whose gradient the step applied (DDP/FSDP average)
-                "loss": sum(loss for _, _, loss in gathered) / len(gathered)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        step = state.timestamp.batch.value
+        self.buffer.add(step, state.batch, state.loss)
+        if step % self.interval == 0:
+            self.buffer.flush()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.buffer.flush()
 
 
 class DataStepCheck(Callback):

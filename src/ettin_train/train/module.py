@@ -6,6 +6,7 @@ import torch
 from composer import ComposerModel, State
 from optimi import StableAdamW
 
+from ettin_train.checkpoint.optimizer_state import weight_decay_groups
 from ettin_train.config import Duration, Recipe
 from ettin_train.model import EttinModel
 from ettin_train.objectives import Objective
@@ -30,13 +31,10 @@ class EttinComposerModel(ComposerModel):
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> StableAdamW:
-    """StableAdamW with fully decoupled weight decay; no decay for norms and biases (ndim <= 1)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    """StableAdamW with fully decoupled weight decay, in the original's groups: [no decay (norms, biases), decay]."""
     opt = recipe.optimizer
     return StableAdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        weight_decay_groups(model, opt.weight_decay),
         lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, decouple_lr=True,
         triton=optimi_triton(),
     )

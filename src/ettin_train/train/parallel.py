@@ -50,8 +50,8 @@ def prepare(cfg: ParallelConfig, model: EttinModel, world: int, device_type: str
     # the tied output projection stay in the root unit, as tied weights must share one unit.
     model.fsdp_wrap_fn = lambda module: any(module is layer for layer in layers)
     model.activation_checkpointing_fn = lambda module: any(module is layer for layer in layers)
-    if cfg.compile:
-        model.compile_layers()
+    if cfg.compile:  # FSDP2's hooks run inside each compiled layer: let dynamo break around them there
+        model.compile_layers(fullgraph=cfg.strategy == "ddp")
     if cfg.strategy == "ddp":
         if cfg.activation_checkpointing:
             ddp_activation_checkpointing(model, model.activation_checkpointing_fn)

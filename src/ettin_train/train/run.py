@@ -21,6 +21,7 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from ettin_train.checkpoint import resume
+from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.phase_start import start_phase_from
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError
@@ -64,7 +65,7 @@ def run(recipe: Recipe) -> None:
     callbacks = _callbacks(recipe, save_folder, restore_rng, exporter)
     # Both loaders (replayed order, own data) seek from a sample count, so a checkpoint without a data position
     # (the original runs') continues at its step without re-reading the epoch.
-    layout = resume.CurrentLayout(optimizer.defaults, data_position=lambda n: dataset.state_dict(n, True))
+    layout = resume.CurrentLayout(ParamLayout.of(model, optimizer), data_position=lambda n: dataset.state_dict(n, True))
     loggers = _loggers(recipe, run_dir)
     parallelism = parallel.prepare(recipe.parallel, model, world, "cuda" if on_gpu else "cpu")
     route_checkpoint_loads(recipe.checkpoint.trust_pickles)  # Composer's own loads (autoresume, load_path)
@@ -172,6 +173,7 @@ def _starting_point(recipe: Recipe, model: EttinModel, optimizer, save_folder: P
                 load_path = resume.fetch_hub_file(load_path)
             if not resume.is_remote(load_path):
                 load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()},
+                                                         ParamLayout.of(model, optimizer),
                                                          recipe.checkpoint.trust_pickles, recipe.checkpoint.verify_digest)
         except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error
             print(f"error: checkpoint.load_path: {e}", file=sys.stderr)
@@ -214,7 +216,7 @@ def _callbacks(recipe: Recipe, save_folder: Path, restore_rng: RestoreRngMidEpoc
                exporter: ExportCheckpoints | None) -> list[Callback]:
     run_dir = Path(recipe.run_dir)
     callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
-                                 Ledger(run_dir / "ledger.jsonl", recipe.phase)]
+                                 Ledger(run_dir / "ledger.jsonl", recipe.phase, recipe.logging.console_interval)]
     callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step
     if recipe.train.stop_after:
         callbacks.append(StopAfter(recipe.train.stop_after))

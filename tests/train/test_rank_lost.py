@@ -26,6 +26,9 @@ pytestmark = pytest.mark.slow
 
 COMPOSER = shutil.which("composer", path=str(Path(sys.executable).parent))
 LAUNCHER_GRACE_S = 30  # composer.cli.launcher.CLEANUP_TIMEOUT: SIGTERM, then SIGKILL after this long
+# What the processes' own exit takes on top (exit handlers, streaming's cleanup): 23 s was measured on the 2-core
+# development machine at load average 23; an idle machine takes a second or two.
+SLACK_S = 45
 
 
 def launch(recipe: Path, log: Path, *overrides: str, fault: str = "") -> dict:
@@ -71,7 +74,7 @@ def test_rank_1_killed_mid_step_ends_the_run_and_the_same_command_resumes_it_bit
     killed_yaml = write_recipe(tmp_path / "killed.yaml", recipe | {"run_dir": str(tmp_path / "killed")})
     killed = launch(killed_yaml, tmp_path / "killed.log", fault="backward@3/rank1")  # after step 3's backward
     assert killed["rc"] != 0 and killed["end_after_loss_s"] is not None
-    assert killed["end_after_loss_s"] < LAUNCHER_GRACE_S + 15, killed  # the bound, with room for a loaded machine
+    assert killed["end_after_loss_s"] < LAUNCHER_GRACE_S + SLACK_S, killed  # the bound
     assert "Rank 1 crashed with exit code -9" in killed["out"], killed["out"][-3000:]  # the launcher names it
     assert "error: rank 0 lost another process of this run" in killed["out"]
     assert "Last complete checkpoint: " in killed["out"] and "ep0-ba2-rank0.pt" in killed["out"]
@@ -90,6 +93,6 @@ def test_a_frozen_rank_ends_the_run_after_parallel_timeout_s(tiny_data, tmp_path
                          parallel={"timeout_s": 20})
     frozen = launch(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "frozen.log", fault="hang@3/rank1")
     assert frozen["rc"] != 0 and frozen["end_after_loss_s"] is not None, frozen["out"][-3000:]
-    assert 20 <= frozen["end_after_loss_s"] < 20 + LAUNCHER_GRACE_S + 15, frozen
+    assert 20 <= frozen["end_after_loss_s"] < 20 + LAUNCHER_GRACE_S + SLACK_S, frozen
     assert "error: rank 0 lost another process of this run" in frozen["out"], frozen["out"][-3000:]
     assert "Rank 0 crashed with exit code 1" in frozen["out"]

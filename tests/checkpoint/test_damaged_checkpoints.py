@@ -16,7 +16,7 @@ from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.export import main as export_main
 from ettin_train.checkpoint.run_folder import prepare_resume
 from tests.conftest import tiny_recipe, write_recipe
-from tests.fork_runner import Runner
+from tests.train.fork_runner import Runner
 
 pytestmark = pytest.mark.slow
 

@@ -181,7 +181,7 @@ class SpikeMonitor(Callback):
         self.spikes = int(state.get("spikes", 0))
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        loss = float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan")
+        loss = float(state.loss.detach()) if isinstance(state.loss, torch.Tensor) else float("nan")
         if not math.isfinite(loss):
             return
         if len(self.losses) == self.window:

@@ -1,6 +1,6 @@
 """Tokens per second and MFU (model FLOPs utilisation) for the progress line and the loggers.
 
-MFU = model FLOPs of the steps in a window (`model.flops.training_flops` over each batch's real
+MFU = model FLOPs of the steps in a window (`model.flops.training_flops_tensor` over each batch's real
 sequence lengths and predicted positions, summed over ranks) / the window's wall time / (world size x
 the card's dense bf16 peak). Only on CUDA: a CPU has no meaningful peak, so no MFU is printed there.
 """
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ettin_train.model.config import ModelConfig
-from ettin_train.model.flops import training_flops
+from ettin_train.model.flops import training_flops_tensor
 
 # Dense (not 2:4 sparse) bf16 tensor-core peak per card, from the vendors' data sheets. Matched in
 # order against torch.cuda.get_device_name(), so the PCIe H100 comes before the generic H100 (SXM).
@@ -40,30 +40,16 @@ def peak_flops(device_name: Optional[str], override: Optional[float] = None) -> 
 
 
 def batch_flops_tensor(cfg: ModelConfig, batch: dict) -> torch.Tensor:
-    """Training FLOPs of one device batch as an int64 tensor on the batch's device, computed with tensor ops
-    only, so counting a step never waits for the device (read it at a log interval). Real lengths from the
-    attention mask; predicted positions are the labelled ones (MLM, MNTP) or, without labels (CLM), every
-    real token but each sequence's last. Equal to `model.flops.training_flops` (tests/test_speed.py)."""
-    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
-    w = cfg.sliding_window // 2
-    n_global = sum(1 for i in range(L) if cfg.is_global_layer(i))
+    """Training FLOPs of one device batch (`model.flops.training_flops_tensor`) as an int64 tensor on the batch's
+    device, so counting a step never waits for the device (read it at a log interval). Real lengths from the
+    attention mask; predicted positions are the labelled ones (MLM, MNTP) or, without labels (CLM), every real
+    token but each sequence's last."""
     n = batch["attention_mask"].sum(dim=1, dtype=torch.int64)
     if "labels" in batch:
         predicted = (batch["labels"] != -100).sum(dtype=torch.int64)
     else:
         predicted = n.sum() - (n > 0).sum()
-
-    def tri(m: torch.Tensor) -> torch.Tensor:
-        m = m.clamp_min(0)
-        return m * (m + 1) // 2
-
-    if cfg.causal:
-        global_pairs, local_pairs = tri(n), tri(n) - tri(n - 1 - w)
-    else:
-        global_pairs, local_pairs = n * n, n * n - 2 * tri(n - 1 - w)
-    layers = 6 * L * (4 * H * H + 3 * H * I) * n.sum()
-    attention = 12 * H * (n_global * global_pairs.sum() + (L - n_global) * local_pairs.sum())
-    return layers + attention + 6 * (H * H + H * V) * predicted
+    return training_flops_tensor(cfg, n, predicted)
 
 
 def batch_flops(cfg: ModelConfig, batch: dict) -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from composer import Callback, State, Trainer
-from composer.callbacks import CheckpointSaver
 from composer.devices import DeviceGPU
 from composer.loggers import Logger
 from composer.utils import dist
@@ -17,6 +16,7 @@ from ettin_train import speed
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.ledger import LedgerBuffer
 from ettin_train.live_export import CheckpointExporter
+from ettin_train.train import shims
 
 
 class Progress(Callback):
@@ -64,7 +64,7 @@ class Progress(Callback):
             else (step, (step - self.start_batch) / max(elapsed, 1e-9))
         eta = max(0.0, self.total - progress) / rate if rate > 0 else float("nan")
         lr = state.optimizers[0].param_groups[0]["lr"]
-        loss = float(state.loss) if isinstance(state.loss, torch.Tensor) else float("nan")
+        loss = float(state.loss.detach()) if isinstance(state.loss, torch.Tensor) else float("nan")
         print(f"[{self.name}] step {step:>6}  loss {loss:7.4f}  lr {lr:.2e}  tokens {_si(tokens)}/{_si(self.total) if self.unit == 'tok' else '?'}"
               f"  {_si(tok_per_s)} tok/s{mfu}  ETA {_hms(eta)}", flush=True)
 
@@ -97,18 +97,8 @@ class Ledger(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() == 0:
             self.buffer.truncate_after(state.timestamp.batch.value)
-        # Every checkpoint's steps must be in the ledger before the checkpoint exists: flush inside each
-        # saver's write (all ranks enter it together). BATCH_CHECKPOINT itself fires every step.
-        for saver in (cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)):
-            if not getattr(saver, "_flushes_ledger", False):
-                saver._save_checkpoint = self._flush_before(saver._save_checkpoint)
-                saver._flushes_ledger = True
-
-    def _flush_before(self, save):
-        def save_after_flush(state: State, logger: Logger) -> None:
-            self.buffer.flush()
-            save(state, logger)
-        return save_after_flush
+        # Every checkpoint's steps must be in the ledger before the checkpoint exists.
+        shims.before_each_checkpoint_write(state, self.buffer.flush)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         step = state.timestamp.batch.value
@@ -156,8 +146,6 @@ class Evaluate(Callback):
             self.log.drop_after(state.timestamp.batch.value)
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        from ettin_train.eval.loop import console_line, logger_metrics
-
         now, before = (state.timestamp.token.value, state.timestamp.batch.value), self.before
         self.before = now
         if not self.loop.due(before, now):
@@ -165,6 +153,8 @@ class Evaluate(Callback):
         wrapper = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
         results = self.loop.run(wrapper.model, dist.get_global_rank(), self.autocast)
         if dist.get_global_rank() == 0:
+            from ettin_train.eval.loop import console_line, logger_metrics
+
             self.log.append(now[1], now[0], results)
             logger.log_metrics(logger_metrics(results))
             print(console_line(self.name, now[1], results), flush=True)

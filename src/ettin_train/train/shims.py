@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 from composer import Callback, State, Trainer
+from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger, WandBLogger
 from composer.utils import checkpoint as composer_checkpoint
 from composer.utils import reproducibility
@@ -60,14 +61,14 @@ _GLOO_PATCHED = False
 
 
 def average_on_gloo() -> None:
-    """gloo has no ReduceOp.AVG, and torch 2.7 uses it in two places that FSDP2 on a CPU reaches (torch 2.14
-    averages correctly on gloo by itself, measured by tests/train/test_shims.py; the patch then computes the same
-    kept for the older torch the code also runs on):
+    """gloo has no ReduceOp.AVG, and torch 2.7 used it in two places that FSDP2 on a CPU reaches. torch 2.14
+    averages correctly on gloo by itself (measured by tests/train/test_shims.py); the patch, which then computes
+    the same, stays for the torch >= 2.11 releases between, where it was not measured:
 
     - FSDP2's gradient reduce-scatter asks for AVG on fp32 gradients; on gloo the result is the SUM, a
       gradient world-size times DDP's (Adam hides most of it; clipping, SGD and gradient norms do not).
       For gloo groups FSDP2 reduces with SUM and then divides by the data-parallel size: the mean, as DDP
-      computes it (torch 2.7: divide factors (1, size); newer torch: its `force_sum_reduction_for_comms`).
+      computes it (torch's own `force_sum_reduction_for_comms`; a torch without it is left as it is).
     - A mean over a sharded DTensor (StableAdamW's RMS of a whole parameter) reduces with AVG and fails.
       On gloo it becomes a SUM divided by the mesh size.
 
@@ -83,20 +84,14 @@ def average_on_gloo() -> None:
     divide_factors = collectives._get_gradient_divide_factors
     signature = inspect.signature(divide_factors)
 
-    if "force_sum_reduction_for_comms" in signature.parameters:  # newer torch: ask for its own SUM-then-divide
+    if "force_sum_reduction_for_comms" in signature.parameters:  # ask for torch's own SUM-then-divide on gloo
         def gloo_divide_factors(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             if tdist.get_backend(bound.arguments["reduce_scatter_group"]) == "gloo":
                 bound.arguments["force_sum_reduction_for_comms"] = True
             return divide_factors(*bound.args, **bound.kwargs)
-    else:  # torch 2.7: (pre-divide, post-divide) factors
-        def gloo_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
-            if tdist.get_backend(reduce_scatter_group) != "gloo":
-                return divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
-            size = reduce_scatter_group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1)
-            return 1.0, float(size)
 
-    collectives._get_gradient_divide_factors = gloo_divide_factors
+        collectives._get_gradient_divide_factors = gloo_divide_factors
 
     reduce_value = Partial._reduce_value
 
@@ -106,6 +101,19 @@ def average_on_gloo() -> None:
         return reduce_value(self, tensor, mesh, mesh_dim)
 
     Partial._reduce_value = gloo_reduce_value
+
+
+def before_each_checkpoint_write(state: State, fn) -> None:
+    """Composer has no event before a checkpoint is written (BATCH_CHECKPOINT fires after it, and on every step):
+    `fn()` is run inside each CheckpointSaver's write, which all ranks enter together, just before it."""
+    for saver in (cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)):
+        write = saver._save_checkpoint
+
+        def write_after(state: State, logger: Logger, write=write) -> None:
+            fn()
+            write(state, logger)
+
+        saver._save_checkpoint = write_after
 
 
 class RestoreRngMidEpoch(Callback):

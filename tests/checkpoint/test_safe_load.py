@@ -7,8 +7,11 @@ from __future__ import annotations
 import builtins
 import io
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +19,7 @@ from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, allowed_names, safe_load
 from ettin_train.export import main as export_main
 from tests.checkpoint.test_resume import original_layout
-from tests.conftest import run_train, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_train, tiny_recipe, write_recipe
 
 
 class WritesMarker:
@@ -61,7 +64,7 @@ def test_both_layouts_open_weights_only_and_the_allowlist_is_what_they_carry(our
         assert loaded["state"]["timestamp"] == full["state"]["timestamp"]  # timedeltas included
         assert (loaded["rng"][0]["numpy"][1] == full["rng"][0]["numpy"][1]).all()  # numpy's MT19937 state
         carried |= set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    spelled_otherwise = {"numpy.core.multiarray._reconstruct", "numpy.dtypes.UInt32DType"}
+    spelled_otherwise = {"numpy.core.multiarray._reconstruct"}
     assert carried == allowed_names() - spelled_otherwise
 
 
@@ -128,3 +131,73 @@ def test_training_refuses_a_code_running_checkpoint_before_anything_runs(ours, t
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and "builtins.exec" in errors[-1] and str(evil) in errors[-1], proc.stderr[-3000:]
     assert not marker.exists() and not (run_dir / "ledger.jsonl").exists()  # nothing ran, nothing trained
+
+
+class Dtype:
+    """Pickles as numpy.dtype(*args) followed, if given, by the dtype's __setstate__(state): what a file can ask for."""
+
+    def __init__(self, *reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return (np.dtype, *self.reduce)
+
+
+class Array:
+    """Pickles as numpy pickles an array (`_reconstruct`, then `__setstate__`), with any dtype and data."""
+
+    def __init__(self, shape, dtype, data):
+        self.state = (1, shape, dtype, False, data)
+
+    def __reduce__(self):
+        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state)
+
+
+CRAFTED_NUMPY = {
+    "object array": Array((2,), Dtype(("O8", False, True)), [1, 2]),
+    "structured array": Array((2,), Dtype(([("a", "<u4"), ("b", "<u4")], False, True)), b"\x01" * 16),
+    # __setstate__ gives numpy's uint32 dtype the object flag: its bytes become pointers (attacker-chosen: 0x41414141)
+    "uint32 given object flags": Array((2,), Dtype(("u4", False, True), (3, "|", None, None, None, -1, -1, 1)), b"\x41" * 8),
+}
+LOAD_AND_PRINT = """
+import sys
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+try:
+    loaded = safe_load(sys.argv[1])
+except UnsafeCheckpointError as e:
+    print("refused:", e)
+else:
+    print("loaded:", repr(loaded), flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_NUMPY))
+def test_a_crafted_numpy_array_in_the_rng_state_is_refused_naming_the_file(tmp_path, case):
+    """The RNG state's array is rebuilt from raw bytes as uint32 only: an object or structured dtype, or numpy's
+    uint32 dtype with a crafted state, never comes out of the load (in a child: on a loader that lets one through,
+    printing it follows the crafted pointers)."""
+    evil = tmp_path / "ep0-ba2-rank0.pt"
+    torch.save({"state": {"model": {"w": torch.ones(2)}}, "rng": [{"numpy": ("MT19937", CRAFTED_NUMPY[case], 0, 0, 0.0)}]}, evil)
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_PRINT, str(evil)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("refused:"), (proc.returncode, proc.stdout[-500:], proc.stderr[-1000:])
+    line = proc.stdout.strip()
+    assert len(line.splitlines()) == 1 and str(evil) in line and "numpy dtype" in line and "trust_pickles" in line
+
+
+def test_the_rng_state_of_numpy_1_and_2_opens_as_the_same_uint32_array(tmp_path):
+    """numpy's MT19937 state, pickled by numpy 2 (`numpy._core`) and with numpy 1's name (`numpy.core`), in both
+    torch formats, loads weights-only to a plain uint32 array equal to the saved one, which numpy accepts back."""
+    state = np.random.RandomState(7).get_state()
+    for zip_format in (True, False):
+        buffer = io.BytesIO()
+        torch.save({"rng": [{"numpy": state}]}, buffer, _use_new_zipfile_serialization=zip_format)
+        # a global is plain text only in the legacy format: numpy 1's name is written there
+        for spelling in (b"numpy._core.multiarray",) if zip_format else (b"numpy._core.multiarray", b"numpy.core.multiarray"):
+            data = buffer.getvalue().replace(b"numpy._core.multiarray\n", spelling + b"\n")
+            (tmp_path / "rng.pt").write_bytes(data)
+            loaded = safe_load(tmp_path / "rng.pt")["rng"][0]["numpy"]
+            assert type(loaded[1]) is np.ndarray and loaded[1].dtype == np.uint32 and loaded[1].flags.c_contiguous
+            assert loaded[0] == "MT19937" and (loaded[1] == state[1]).all() and loaded[2:] == state[2:]
+            rng = np.random.RandomState()
+            rng.set_state(loaded)
+            assert rng.random() == np.random.RandomState(7).random()

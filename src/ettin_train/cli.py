@@ -32,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         phases = " -> ".join(s["recipe"] for s in series)
         print(f"wrote {args.plot}: {phases}", file=sys.stderr if args.json else sys.stdout)
     from ettin_train.checkpoint.run_folder import finished_run
+    from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
 
-    done = finished_run(recipe)  # a finished run run again (a requeue): say so, do not build the trainer
+    try:
+        done = finished_run(recipe)  # a finished run run again (a requeue): say so, do not build the trainer
+    except UnsafeCheckpointError as e:  # the checkpoint autoresume would load could run code
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.plan:
         from ettin_train.plan import format_plan, make_plan
 
@@ -52,5 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ettin_train.train.run import run
 
-    run(recipe)
+    try:
+        run(recipe)
+    except UnsafeCheckpointError as e:  # what Composer itself downloads (a remote load_path) is checked only there
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -20,6 +20,7 @@ import torch.distributed as tdist
 
 from ettin_train.checkpoint.hf import hf_config
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from ettin_train.checkpoint.sharded import load_sharded
 from ettin_train.config import Recipe, recipe_to_dict
 from ettin_train.data.permuted import resolve_sources
 from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
@@ -105,10 +106,9 @@ def check_shards(folder: Path, hashes: bool, key: str = "data.path") -> None:
 
 def check_resume_checkpoint(path: Path, recipe: Recipe) -> None:
     """The checkpoint a resume loads must be of this recipe's objective and model shape (its RunMetadata)."""
-    if path.is_dir():  # a sharded checkpoint (a torch.distributed.checkpoint folder): Composer's load checks shapes
-        return
-    try:
-        ckpt = safe_load(path, trust_pickles=recipe.checkpoint.trust_pickles, mmap=True)
+    try:  # of a sharded checkpoint (a torch.distributed.checkpoint folder) all but the tensors are read
+        ckpt = load_sharded(path, recipe.checkpoint.trust_pickles, tensors=False) if path.is_dir() \
+            else safe_load(path, trust_pickles=recipe.checkpoint.trust_pickles, mmap=True)
     except UnsafeCheckpointError as e:
         raise PreflightError(str(e)) from None
     except Exception as e:  # any unreadable file: say which, not a traceback from deep in Composer

@@ -8,6 +8,7 @@ import builtins
 import datetime
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,140 @@ def test_composers_checkpoint_write_records_the_files_sha256(tmp_path):
         assert written_digest(path) == hashlib.sha256(f.read()).hexdigest()
     assert written_digest(path) is None  # taken once
     assert torch.equal(torch.load(path, weights_only=True)["state"]["model"]["w"], state["state"]["model"]["w"])
+
+
+def _sharded(folder: Path, state: dict) -> Path:
+    """`state` written as a torch.distributed.checkpoint folder, as Composer's sharded save writes one."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    save(state, storage_writer=FileSystemWriter(str(folder)), no_dist=True)
+    return folder
+
+
+def test_composers_sharded_load_reads_metadata_and_entries_without_running_code(tmp_path):
+    """route_checkpoint_loads: the readers Composer's load_sharded_checkpoint builds read `.metadata` through the
+    allowlist unpickler and the non-tensor entries through safe_load; torch's own reading of the same folders runs
+    their code (checkpoint.trust_pickles: true gives it back)."""
+    import pickle
+
+    from composer.utils import checkpoint as composer_checkpoint
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
+    from ettin_train.train.shims import route_checkpoint_loads
+
+    marker = tmp_path / "ran"
+    plain = _sharded(tmp_path / "plain", {"state": {"model": {"w": torch.arange(3.0)}, "timestamp": datetime.timedelta(seconds=3)}})
+    entry = _sharded(tmp_path / "entry", {"state": {"model": {"w": torch.ones(2)}, "callbacks": {"X": _RunsCode(marker)}}})
+    shutil.copytree(plain, tmp_path / "metadata")
+    with open(plain / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    md.storage_meta.modules = [_RunsCode(marker)]
+    with open(tmp_path / "metadata" / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+
+    def composer_loads(folder: Path, state: dict) -> dict:
+        composer_checkpoint.dist_cp_load(state, composer_checkpoint.FileSystemReaderWithValidation(str(folder)))
+        return state
+
+    route_checkpoint_loads(trust_pickles=False)
+    loaded = composer_loads(plain, {"state": {"model": {"w": torch.zeros(3)}, "timestamp": None}})
+    assert torch.equal(loaded["state"]["model"]["w"], torch.arange(3.0)) and loaded["state"]["timestamp"] == datetime.timedelta(seconds=3)
+    with pytest.raises(UnsafeCheckpointError, match=r"metadata/\.metadata.*builtins\.exec"):
+        composer_checkpoint.FileSystemReaderWithValidation(str(tmp_path / "metadata")).read_metadata()
+    with pytest.raises(CheckpointException, match=r"entry \(entry state\.callbacks\.X\).*builtins\.exec"):
+        composer_loads(entry, {"state": {"model": {"w": torch.zeros(2)}, "callbacks": {"X": None}}})
+    assert not marker.exists()
+    route_checkpoint_loads(trust_pickles=True)
+    composer_loads(entry, {"state": {"model": {"w": torch.zeros(2)}, "callbacks": {"X": None}}})
+    assert marker.read_text() == "ran"
+    route_checkpoint_loads(trust_pickles=False)
+
+
+def _tarball(path: Path, escape: str, outside: Path) -> Path:
+    """A checkpoint tarball with one member that escapes the folder it is extracted into: `../..`, an absolute name,
+    or a symlink out of it and a file written through the link."""
+    import io
+    import tarfile
+
+    def add(tar, name, data=b"x", link=None):
+        info = tarfile.TarInfo(name)
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tar.addfile(info)
+        else:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as tar:
+        add(tar, "composer_states.pt", b"not read")
+        if escape == "dotdot":
+            add(tar, "../../../escaped")
+        elif escape == "absolute":
+            add(tar, str(outside / "escaped"))
+        else:
+            add(tar, "out", link=str(outside))
+            add(tar, "out/escaped")
+    return path
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
+def test_a_checkpoint_tarball_member_outside_its_folder_is_refused_and_nothing_is_written_outside(tmp_path, escape):
+    """checked_tarballs: Composer's download_checkpoint extracts a .tar load_path; Composer alone writes the member
+    outside the folder, with the shim it is refused before it is written."""
+    import tarfile
+
+    from composer.utils import checkpoint as composer_checkpoint
+
+    from ettin_train.train.shims import checked_tarballs
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tar = _tarball(tmp_path / "ckpt.tar", escape, outside)
+
+    def download(node: Path) -> None:
+        node.mkdir(parents=True)
+        composer_checkpoint.download_checkpoint(str(tar), str(node), object_store=None, progress_bar=False)
+
+    composer_tarfile = composer_checkpoint.tarfile
+    composer_checkpoint.tarfile = tarfile  # Composer alone: the gap is still there
+    download(outside / "composer" / "node")
+    assert list(outside.rglob("escaped")), "Composer no longer writes outside: the shim can go"
+    shutil.rmtree(outside)
+    outside.mkdir()
+    composer_checkpoint.tarfile = composer_tarfile
+    checked_tarballs()
+    with pytest.raises(BaseException, match=r"refused to extract checkpoint tarball: .*(outside|absolute)") as refused:
+        download(outside / "shimmed" / "node")
+    assert len(str(refused.value).splitlines()) == 1
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def test_a_remote_checkpoint_tarball_that_escapes_its_folder_stops_the_run_in_one_line(tiny_data, tmp_path, monkeypatch):
+    """A load_path over HTTP (a local server: what Composer downloads) naming a tarball with a `../..` member:
+    `error:` naming it, exit 1, nothing written outside the download folder."""
+    import functools
+    import http.server
+    import threading
+
+    from tests.conftest import run_train, tiny_recipe, write_recipe
+
+    served, temp = tmp_path / "served", tmp_path / "tmp" / "t"
+    served.mkdir()
+    temp.mkdir(parents=True)
+    _tarball(served / "ep0-ba2-rank0.tar", "dotdot", tmp_path)  # from TMPDIR/tmpXXX/checkpoint, ../../.. is tmp_path/tmp
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/ep0-ba2-rank0.tar"
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    try:
+        recipe = tiny_recipe(tiny_data, tmp_path / "run", train={"max_duration": "2ba"})
+        proc = run_train(str(write_recipe(tmp_path / "r.yaml", recipe)), f"checkpoint.load_path={url}", check=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and url in last and "../../../escaped" in last and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("escaped"))

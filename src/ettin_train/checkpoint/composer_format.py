@@ -4,7 +4,7 @@ with model keys prefixed `model.` (Composer's wrapper attribute).
 
 A run with `parallel.checkpoint_format: sharded` writes instead a `torch.distributed.checkpoint` folder
 `ep{E}-ba{B}/` (`.metadata` and one `__{rank}_0.distcp` per rank) holding the same dict; it is read
-here on one CPU process with no process group."""
+here on one CPU process with no process group (checkpoint/sharded.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ettin_train.checkpoint.safe_load import safe_load
+from ettin_train.checkpoint.sharded import load_sharded
 
 # The names Composer gives checkpoints (and latest-rank0.pt, a symlink, is not one of its own).
 CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
@@ -48,26 +49,13 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, trust_pickles: bool = False) -> dict:
-    """The whole checkpoint `path` names, on the CPU. A file is opened by safe_load (weights-only, refusing types a
-    Composer checkpoint does not hold, unless `trust_pickles`); a sharded folder by torch.distributed.checkpoint,
-    which unpickles its metadata itself (docs/reliability.md: not covered by the allowlist)."""
+    """The whole checkpoint `path` names, on the CPU, refusing types a Composer checkpoint does not hold unless
+    `trust_pickles`: a file by safe_load (weights-only), a sharded folder by checkpoint/sharded.py (its metadata
+    and non-tensor entries by the same kind of allowlist)."""
     path = find_checkpoint(path)
     if not is_sharded(path):
         return safe_load(path, trust_pickles=trust_pickles)
-    return _load_sharded(path)
-
-
-def _load_sharded(folder: Path) -> dict:
-    """The whole dict of a sharded checkpoint, each tensor put back together from its shards: the same
-    keys as a full checkpoint (optimizer state keyed by parameter name in both)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    checkpoint: dict = {}
-    _load_state_dict(checkpoint, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    return checkpoint
+    return load_sharded(path, trust_pickles)
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:

@@ -18,9 +18,10 @@ Nothing here imports Composer.
 from __future__ import annotations
 
 from ettin_train.checkpoint import digest
-from ettin_train.checkpoint.composer_format import find_checkpoint
+from ettin_train.checkpoint.composer_format import find_checkpoint, is_sharded
 from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from ettin_train.checkpoint.sharded import load_sharded
 
 # What Composer 0.32.1's load_path downloads: its object stores by URI, and plain HTTP(S) (a Hub file's resolve URL).
 REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "http", "https")
@@ -64,19 +65,24 @@ def is_remote(path: str) -> bool:
 
 
 def check_full_checkpoint(path: str, model_keys: set[str], layout: ParamLayout, trust_pickles: bool = False,
-                          verify_digest: bool = True) -> str:
-    """The local checkpoint file `path` names (a file, or a run folder's newest), after checking that it holds a
-    whole training state for this model, with moments for each of `layout`'s parameters. Raises ValueError with a
-    one-line reason (UnsafeCheckpointError for a pickle that needs types a checkpoint does not hold)."""
+                          verify_digest: bool = True, reads_sharded: bool = False) -> str:
+    """The local checkpoint `path` names (a file, a sharded folder, or a run folder's newest), after checking that it
+    holds a whole training state for this model, with moments for each of `layout`'s parameters; a sharded one only
+    for a run that reads them (`reads_sharded`: Composer loads one only with FSDP's sharded state dict). Raises
+    ValueError with a one-line reason (UnsafeCheckpointError for a pickle that needs types a checkpoint does not hold)."""
     try:
         file = find_checkpoint(path)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
+    if is_sharded(file) and not reads_sharded:
+        raise ValueError(f"{file} is a sharded checkpoint: a run loads one with parallel.checkpoint_format: sharded "
+                         "(an FSDP strategy)")
     damage = digest.check(file, digest=verify_digest)  # a file with a marker: as it was written?
     if damage:
         raise ValueError(f"{damage}: damaged since it was written")
-    try:  # mmap: only the keys are read here, however large the file
-        ckpt = safe_load(file, trust_pickles=trust_pickles, mmap=True)
+    try:  # only the keys are read here, however large the checkpoint: a file is mapped, a folder's tensors left unread
+        ckpt = load_sharded(file, trust_pickles, tensors=False) if is_sharded(file) \
+            else safe_load(file, trust_pickles=trust_pickles, mmap=True)
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from ettin_train.checkpoint import digest
-from ettin_train.checkpoint.composer_format import CHECKPOINT_NAME, LATEST, is_sharded, load_checkpoint
+from ettin_train.checkpoint.composer_format import CHECKPOINT_NAME, LATEST, is_sharded
 from ettin_train.checkpoint.digest import MARKER
-from ettin_train.checkpoint.safe_load import safe_load
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from ettin_train.checkpoint.sharded import load_sharded
 from ettin_train.config import Duration, Recipe
 
 
@@ -113,9 +114,10 @@ class Finished:
 
 
 def read_clock(path: Path, trust_pickles: bool = False) -> dict[str, int]:
-    """The Timestamp of a checkpoint, without reading its tensors (a file is memory-mapped)."""
+    """The Timestamp of a checkpoint, without reading its tensors (a file is memory-mapped; of a sharded folder only
+    the clock's entries are read)."""
     if is_sharded(path):
-        state = load_checkpoint(path)["state"]
+        state = load_sharded(path, trust_pickles, keys=["state.timestamp"])["state"]
     else:
         state = safe_load(path, trust_pickles=trust_pickles, mmap=True)["state"]
     return {k: int(getattr(v, "value", v)) for k, v in state["timestamp"]["Timestamp"].items() if k in ("batch", "token")}
@@ -129,6 +131,8 @@ def finished_run(recipe: Recipe) -> Finished | None:
     target = latest.parent / os.readlink(latest) if latest.is_symlink() else latest
     try:
         clock = read_clock(target, recipe.checkpoint.trust_pickles)
+    except UnsafeCheckpointError:
+        raise  # never opened with a full unpickle: said at once (cli.py), as the trainer's preflight would
     except Exception:  # noqa: BLE001 - unreadable (a crash mid-write): the trainer's preflight repairs and reports it
         return None
     total, unit = Duration.parse(recipe.train.max_duration)

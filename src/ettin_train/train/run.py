@@ -38,8 +38,8 @@ from ettin_train.train.callbacks import (DataStepCheck, Evaluate, ExportCheckpoi
                                         StopAfter)
 from ettin_train.train.module import EttinComposerModel, LRSchedule, build_optimizer, composer_time
 from ettin_train.train.reliability import StopRun, reliability_callbacks
-from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, digest_checkpoint_writes,
-                                     route_checkpoint_loads)
+from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, checked_tarballs,
+                                     digest_checkpoint_writes, route_checkpoint_loads)
 
 
 def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
@@ -75,6 +75,7 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     loggers = _loggers(recipe, run_dir)
     parallelism = parallel.prepare(recipe.parallel, model, world, "cuda" if on_gpu else "cpu")
     route_checkpoint_loads(recipe.checkpoint.trust_pickles)  # Composer's own loads (autoresume, load_path)
+    checked_tarballs()  # a .tar load_path: no member is written outside its folder
     digest_checkpoint_writes()  # the saver's marker gets the sha256 of the bytes as written
     trainer = Trainer(
         model=EttinComposerModel(model, objective),
@@ -180,7 +181,8 @@ def _starting_point(recipe: Recipe, model: EttinModel, optimizer, save_folder: P
             if not resume.is_remote(load_path):
                 load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()},
                                                          ParamLayout.of(model, optimizer),
-                                                         recipe.checkpoint.trust_pickles, recipe.checkpoint.verify_digest)
+                                                         recipe.checkpoint.trust_pickles, recipe.checkpoint.verify_digest,
+                                                         reads_sharded=recipe.parallel.checkpoint_format == "sharded")
         except ValueError as e:  # a recipe value that cannot work: exit 2, as a recipe error
             print(f"error: checkpoint.load_path: {e}", file=sys.stderr)
             sys.exit(2)

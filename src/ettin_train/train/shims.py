@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import tarfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -20,7 +22,8 @@ from composer.utils import reproducibility
 from composer.utils.parallelism import FSDP2Config
 
 from ettin_train.checkpoint.digest import DigestWriter
-from ettin_train.checkpoint.safe_load import safe_load
+from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
+from ettin_train.checkpoint.sharded import SafeReading
 
 
 def adopt_torchrun_env() -> None:
@@ -144,16 +147,66 @@ class MetricsOnlyWandB(WandBLogger):
         raise FileNotFoundError(f"{remote_file_name}: checkpoints are not stored in wandb")
 
 
+_SHARDED_READERS = {name: getattr(composer_checkpoint, name) for name in ("FileSystemReaderWithValidation",
+                                                                          "DistCPObjectStoreReader")}
+_SAFE_SHARDED_READERS = {name: type(f"Safe{name}", (SafeReading, reader), {}) for name, reader in _SHARDED_READERS.items()}
+
+
 def route_checkpoint_loads(trust_pickles: bool) -> None:
     """Composer opens checkpoints (autoresume, load_path) with `torch.load(weights_only=False)` in
     `composer.utils.checkpoint._torch_load_with_validation`, which runs any code a pickle names. It goes through
-    checkpoint/safe_load.py instead, as every other load here does (`checkpoint.trust_pickles` opts out)."""
+    checkpoint/safe_load.py instead, as every other load here does (`checkpoint.trust_pickles` opts out).
+    A sharded checkpoint is read by the storage readers `load_sharded_checkpoint` builds (a local folder, an object
+    store), whose torch base unpickles `.metadata` and the non-tensor entries whole; they are given checkpoint/
+    sharded.py's reading of both (`SafeReading`)."""
 
     def load(checkpoint_filepath, map_location):
         path = composer_checkpoint._ensure_valid_checkpoint(checkpoint_filepath)
         return safe_load(path, trust_pickles=trust_pickles, map_location=map_location)
 
     composer_checkpoint._torch_load_with_validation = load
+    for name, reader in (_SHARDED_READERS if trust_pickles else _SAFE_SHARDED_READERS).items():
+        setattr(composer_checkpoint, name, reader)
+
+
+class _TarballRefused(BaseException):
+    """Raised from inside Composer's `load_checkpoint`, whose retry (of any Exception, 5 times, 34 s of backoff)
+    would download the tarball again; `checked_tarballs`' wrapper gives it back as an UnsafeCheckpointError."""
+
+
+def _inside_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """Python's `data` extraction filter (no member or link outside the folder, no devices, no setuid bits) that
+    also refuses an absolute name instead of writing it below the folder."""
+    try:
+        if os.path.isabs(member.name):
+            raise tarfile.AbsolutePathError(member)
+        return tarfile.data_filter(member, dest)
+    except tarfile.FilterError as e:
+        raise _TarballRefused(f"refused to extract checkpoint tarball: {e}; a Composer checkpoint tarball holds "
+                              "only files of its folder") from None
+
+
+class _CheckedTarFile(tarfile.TarFile):
+    extraction_filter = staticmethod(_inside_only)
+
+
+_composer_load_checkpoint = composer_checkpoint.load_checkpoint
+
+
+def checked_tarballs() -> None:
+    """Composer's `download_checkpoint` extracts a `.tar` load_path (remote or not) with `extractall()` and no
+    filter, so a member `../../x`, an absolute name or a link out of the folder writes anywhere the process may.
+    The module's tarballs are opened as `_CheckedTarFile`, whose default filter refuses each such member before it
+    is written; the refusal ends the load at once, as an UnsafeCheckpointError naming the member."""
+
+    def load_checkpoint(path, *args, **kwargs):
+        try:
+            return _composer_load_checkpoint(path, *args, **kwargs)
+        except _TarballRefused as e:
+            raise UnsafeCheckpointError(f"{path}: {e}") from None
+
+    composer_checkpoint.tarfile = SimpleNamespace(open=_CheckedTarFile.open)  # its only use of the module: open
+    composer_checkpoint.load_checkpoint = load_checkpoint
 
 
 _original_write = composer_checkpoint._write_checkpoint_file

@@ -2,7 +2,7 @@
 without running code from it, as safe_load does for a checkpoint file.
 
 torch.distributed.checkpoint itself unpickles `.metadata` with plain `pickle` and each non-tensor entry of the state
-(the clock, the RNG, the callbacks' states, the optimizer's hyperparameters) with `torch.load(weights_only=False)`.
+(the clock, the RNG, the callbacks' states, the optimizer's hyperparameters) with a full `torch.load` (not weights-only).
 Here `.metadata` is unpickled with a `pickle.Unpickler` whose `find_class` allows exactly the classes that
 torch's metadata of a real checkpoint (Composer 0.32.1, FSDP2, torch 2.14) carries, `METADATA_CLASSES`, and each
 non-tensor entry goes through safe_load (the allowlist of a checkpoint file); the tensors are read by torch with

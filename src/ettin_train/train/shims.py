@@ -194,7 +194,7 @@ _composer_load_checkpoint = composer_checkpoint.load_checkpoint
 
 
 def checked_tarballs() -> None:
-    """Composer's `download_checkpoint` extracts a `.tar` load_path (remote or not) with `extractall()` and no
+    """Composer's `download_checkpoint` extracts a `.tar` load_path (remote or not) member by member with no
     filter, so a member `../../x`, an absolute name or a link out of the folder writes anywhere the process may.
     The module's tarballs are opened as `_CheckedTarFile`, whose default filter refuses each such member before it
     is written; the refusal ends the load at once, as an UnsafeCheckpointError naming the member."""

@@ -348,14 +348,14 @@ def open_repo(repo: Path) -> None:
         git(repo, "init", "-q")
         git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
         return
+    has_commits = git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False).returncode == 0
+    if has_commits and not (repo / MANIFEST).exists() and not (repo / IDENTITY).exists():
+        raise Refused(f"{repo} is a git repository that ettin-export did not make (no {MANIFEST}); choose another --out")
     branch = git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False).stdout.strip()
     if branch != "main":
         raise Refused(f"{repo} is on {branch or 'a detached HEAD'}, not main: check out main first")
     if git(repo, "status", "--porcelain").stdout.strip():
         raise Refused(f"{repo} has uncommitted changes: commit or remove them first")
-    has_commits = git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False).returncode == 0
-    if has_commits and not (repo / MANIFEST).exists() and not (repo / IDENTITY).exists():
-        raise Refused(f"{repo} is a git repository that ettin-export did not make (no {MANIFEST}); choose another --out")
 
 
 def run_identity(ex: Export) -> dict:

@@ -83,7 +83,7 @@ CASES = {
     "init: other objective": (None, ["objective=clm", "init.checkpoint={root}/prior"], False, 1, ["ep0-ba2-rank0.pt", "other objective"]),
     "init: another size": (None, ["model.hidden_size=128", "init.load=model", "init.checkpoint={root}/prior"], False, 1,
                            ["ep0-ba2-rank0.pt", "does not fit"]),
-    "resume: other objective": (None, ["objective=clm"], True, 1, ["holds a mlm checkpoint", "ep0-ba2-rank0.pt", "objective is clm"]),
+    "resume: other objective": (None, ["objective=clm"], True, 1, ["prior/run.json", "objective mlm", "objective is clm"]),
     "resume: another size": (None, ["model.intermediate_size=128"], True, 1, ["another model", "model.intermediate_size 96 vs 128"]),
     "no room for a checkpoint": (None, ["reliability.min_free_gb=1e9"], True, 1, ["checkpoint folder", "GiB free", "min_free_gb"]),
     "sequence too long": (None, ["data.seq_len=9000"], True, 1, ["data.seq_len 9000", "8192 positions"]),

@@ -225,7 +225,7 @@ class SaveOnSignal(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         flag = state.device.tensor_to_device(torch.tensor([self.received or 0]))
         dist.all_reduce(flag, reduce_operation="MAX")
-        if not flag.item() or self.stopped:
+        if not flag.item() or self.stopped or state.get_elapsed_duration() >= 1.0:  # the last step ends the run anyway
             return
         self.received = self.received or int(flag.item())
         self.stopped = signal.Signals(self.received).name

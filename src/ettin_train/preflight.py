@@ -1,6 +1,7 @@
 """Checks of everything a recipe points at, run once before the Trainer is built, so a bad input stops
-the run with one line (exit status 1) before anything is written: the shards against their index, the
-sequence length, room on the checkpoint disk, and the checkpoint a resume would load. It also repairs
+the run with one line (exit status 1) before anything is written: the run folder's identity, the shards against
+their index (columns, samples), the tokenizer, a remote's index, the sequence length, room on the checkpoint disk
+(`check_inputs`, which `train.py --plan` runs too), and the checkpoint a resume would load. It also repairs
 the checkpoint folder after a crash (checkpoint/run_folder.prepare_resume) and removes streaming's leftovers
 from killed runs. The recipe itself was checked when it was loaded (exit status 2). Nothing it imports imports
 Composer (only src/ettin_train/train/ does)."""
@@ -72,7 +73,8 @@ def check_inputs(recipe: Recipe) -> None:
             raise PreflightError(str(e)) from None
         for source in sources:
             if source.remote is not None:
-                check_remote(source.remote, source.split, f"{source.key}.remote")
+                if not (Path(source.local) / (source.split or "") / "index.json").is_file():  # else streaming reads the cached one
+                    check_remote(source.remote, source.split, f"{source.key}.remote")
             elif rel.verify_shards != "none":  # remote shards are checked by streaming as it downloads them
                 check_shards(Path(source.local) / (source.split or ""), hashes=rel.verify_shards == "hash",
                              key=f"{source.key}.path")

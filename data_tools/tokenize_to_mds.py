@@ -156,11 +156,21 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_docs": args.chunk_docs, "min_len": args.min_len}
     if backfill_len is not None:  # only then, so outputs of earlier versions (always drop) still resume
         meta["backfill_len"] = backfill_len
+    try:
+        _init(args.tokenizer)  # before --out is touched, so a typo leaves nothing behind that blocks the next run
+    except Exception as e:  # noqa: BLE001 - no such folder, not a tokenizer, no network: one line
+        print(f"error: --tokenizer {args.tokenizer} cannot be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0]})",
+              file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        if old != meta:
+        if old != meta and not any(out.glob("part_*/DONE")):  # a run that failed before finishing a chunk: start over
+            for part in out.glob("part_*"):
+                shutil.rmtree(part)
+            meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+        elif old != meta:
             diff = ", ".join(k for k in {**meta, **old} if old.get(k) != meta.get(k))
             print(f"tokenize_to_mds: {out} was started with different settings ({diff}); use a new --out", file=sys.stderr)
             return 2
@@ -192,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(n_docs)
                 samples += n
     else:
-        _init(args.tokenizer)
         for job in todo():
             _, n_docs, n = _work(job)
             bar.update(n_docs)

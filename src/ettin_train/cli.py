@@ -32,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         phases = " -> ".join(s["recipe"] for s in series)
         print(f"wrote {args.plot}: {phases}", file=sys.stderr if args.json else sys.stdout)
     from ettin_train.checkpoint.run_folder import finished_run
+    from ettin_train.checkpoint.run_identity import RunFolderError, check_run_folder
     from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
+    from ettin_train.preflight import PreflightError, check_inputs
 
     try:
+        check_run_folder(recipe)  # another run's folder is refused, finished or not, before anything is written
         done = finished_run(recipe)  # a finished run run again (a requeue): say so, do not build the trainer
-    except UnsafeCheckpointError as e:  # the checkpoint autoresume would load could run code
+        if args.plan and not done:
+            check_inputs(recipe)  # what a start checks before it writes anything (run() checks it again)
+    except (PreflightError, RunFolderError, UnsafeCheckpointError) as e:  # one line, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.plan:

@@ -23,6 +23,7 @@ N is the batch counter of the checkpoint within its phase (each phase's clock st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from ettin_train.phases import phase as phase_named
 PROG = "ettin-export"
 TOL = 1e-4
 MANIFEST = "ettin_export.json"
+IDENTITY = "ettin_run.json"  # which run the repository holds: objective, model shape, lineage
 GITATTRIBUTES = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
@@ -62,6 +64,7 @@ class Export:
     tokens: int
     model: "torch.nn.Module"
     weights: dict
+    lineage: str | None = None  # the training run across its phases (RunMetadata; None for the original runs')
 
     @property
     def phase(self) -> str:
@@ -106,6 +109,7 @@ class ExportFlags:
     sliding_window: int | None = None
     global_attn_every_n_layers: int | None = None
     trust_pickles: bool = False  # unpickle whole files (checkpoint/safe_load.py), only for files the user trusts
+    allow_other_run: bool = False  # export into a repository that holds another run (its tags then mix two runs)
 
 
 # ---------------------------------------------------------------- reading checkpoints
@@ -145,7 +149,8 @@ def read_export(path: Path, flags: ExportFlags, log: Callable[[str], None] = pri
     m = CHECKPOINT_NAME.match(path.name)
     if m and int(m.group(2)) != step:
         log(f"{PROG}: note: {path.name} holds batch {step} (its clock), which names the tag")
-    return Export(path, settings, step, tokens, model.eval(), weights)
+    lineage = ((state.get("callbacks") or {}).get("RunMetadata") or {}).get("lineage")
+    return Export(path, settings, step, tokens, model.eval(), weights, lineage)
 
 
 # ---------------------------------------------------------------- writing and verifying
@@ -332,17 +337,46 @@ def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 def open_repo(repo: Path) -> None:
-    """Creates REPO_DIR as a git repository on `main`, or checks that it is one, on `main`, with a clean tree."""
+    """Creates REPO_DIR as a git repository on `main`, or checks that it is one, on `main`, with a clean tree. A
+    folder that is neither empty nor a repository ettin-export made (a model someone saved there, another project's
+    repository) is refused untouched."""
     if not (repo / ".git").exists():
+        if repo.exists() and (not repo.is_dir() or any(repo.iterdir())):
+            raise Refused(f"{repo} is not empty and not a git repository: ettin-export writes only into a new or empty "
+                          "folder or a repository it made; choose another --out")
         repo.mkdir(parents=True, exist_ok=True)
         git(repo, "init", "-q")
         git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
         return
+    has_commits = git(repo, "rev-parse", "-q", "--verify", "HEAD", check=False).returncode == 0
+    if has_commits and not (repo / MANIFEST).exists() and not (repo / IDENTITY).exists():
+        raise Refused(f"{repo} is a git repository that ettin-export did not make (no {MANIFEST}); choose another --out")
     branch = git(repo, "symbolic-ref", "-q", "--short", "HEAD", check=False).stdout.strip()
     if branch != "main":
         raise Refused(f"{repo} is on {branch or 'a detached HEAD'}, not main: check out main first")
     if git(repo, "status", "--porcelain").stdout.strip():
         raise Refused(f"{repo} has uncommitted changes: commit or remove them first")
+
+
+def run_identity(ex: Export) -> dict:
+    from ettin_train.checkpoint.run_identity import model_shape
+
+    return {"objective": ex.objective, "model": model_shape(dataclasses.asdict(ex.model.config)), "lineage": ex.lineage}
+
+
+def check_same_run(repo: Path, ex: Export, allow_other_run: bool) -> None:
+    """A repository holds one run (its phases, tagged step/ext/decay): a checkpoint of another objective, model shape
+    or lineage is refused, unless --allow-other-run. Repositories from before IDENTITY take the first one exported."""
+    path = repo / IDENTITY
+    if allow_other_run or not path.exists():
+        return
+    held, ours = json.loads(path.read_text()), run_identity(ex)
+    differ = [f"{k} {held.get(k)} vs {ours[k]}" for k in ("objective", "model") if held.get(k) != ours[k]]
+    if held.get("lineage") and ours["lineage"] and held["lineage"] != ours["lineage"]:
+        differ.append(f"lineage {held['lineage']} vs {ours['lineage']} (another training run)")
+    if differ:
+        raise Refused(f"{ex.source.name}: {repo} holds another run ({IDENTITY}: {'; '.join(differ)} in this checkpoint); "
+                      "export it into its own repository, or pass --allow-other-run to mix them")
 
 
 def read_manifest(repo: Path) -> dict[str, dict]:
@@ -385,6 +419,9 @@ def commit(repo: Path, ex: Export, staged: Path, digest: str) -> None:
         for path in staged.iterdir():
             shutil.copy2(path, repo / path.name)
         (repo / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        held = json.loads((repo / IDENTITY).read_text()) if (repo / IDENTITY).exists() else {}
+        if not held.get("lineage"):  # the first run's, or the first that records a lineage
+            (repo / IDENTITY).write_text(json.dumps(run_identity(ex), indent=1, sort_keys=True) + "\n")
         git(repo, "add", "-A")
         message = (f"{ex.tag}: {ex.source.name}, phase {ex.phase}, step {ex.step}, {ex.tokens} tokens\n\n"
                    f"model.safetensors sha256 {digest}")
@@ -406,8 +443,10 @@ def export_checkpoint(path: str | Path, repo: str | Path, flags: ExportFlags | N
     from transformers.utils import logging as hf_logging
 
     path, repo = Path(path), Path(repo).resolve()
-    ex = read_export(path, flags or ExportFlags(), log)  # a refused setting stops here, before REPO_DIR is made
+    flags = flags or ExportFlags()
+    ex = read_export(path, flags, log)  # a refused setting stops here, before REPO_DIR is made
     open_repo(repo)
+    check_same_run(repo, ex, flags.allow_other_run)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers 5 draws save/load bars on stderr: keep it to our one line
     try:
@@ -472,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push", metavar="REMOTE", help="git push REMOTE main --tags afterwards")
     p.add_argument("--trust-pickles", action="store_true",
                    help="unpickle checkpoints whole, also types a Composer checkpoint does not hold (only for files you trust)")
+    p.add_argument("--allow-other-run", action="store_true",
+                   help="export into a repository that holds another run (another objective, model or training run)")
     p.add_argument("--rope-theta-global", type=float, help="global RoPE theta, where the checkpoint records none")
     p.add_argument("--rope-theta-local", type=float, help="local RoPE theta, where the checkpoint records none")
     p.add_argument("--sliding-window", type=int, help="local attention window, where the checkpoint records none")

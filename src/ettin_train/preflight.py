@@ -1,6 +1,7 @@
 """Checks of everything a recipe points at, run once before the Trainer is built, so a bad input stops
-the run with one line (exit status 1) before anything is written: the shards against their index, the
-sequence length, room on the checkpoint disk, and the checkpoint a resume would load. It also repairs
+the run with one line (exit status 1) before anything is written: the run folder's identity, the shards against
+their index (columns, samples), the tokenizer, a remote's index, the sequence length, room on the checkpoint disk
+(`check_inputs`, which `train.py --plan` runs too), and the checkpoint a resume would load. It also repairs
 the checkpoint folder after a crash (checkpoint/run_folder.prepare_resume) and removes streaming's leftovers
 from killed runs. The recipe itself was checked when it was loaded (exit status 2). Nothing it imports imports
 Composer (only src/ettin_train/train/ does)."""
@@ -24,6 +25,8 @@ from ettin_train.checkpoint.sharded import load_sharded
 from ettin_train.config import Recipe, recipe_to_dict
 from ettin_train.data.permuted import resolve_sources
 from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
+from ettin_train.checkpoint.run_identity import SHAPE, RunFolderError, check_run_folder
+from ettin_train.model import EttinModel
 from ettin_train.data.streaming_leftovers import clean_streaming_leftovers
 
 # What an exported config declares (max_position_embeddings) and so what transformers will accept.
@@ -34,7 +37,7 @@ class PreflightError(ValueError):
     """One line naming the key, file or step that is wrong."""
 
 
-def preflight(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> None:
+def preflight(recipe: Recipe, save_folder: Path) -> None:
     """Every rank calls this; rank 0 checks and repairs, the others take its verdict."""
     spread = tdist.is_available() and tdist.is_initialized()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
@@ -43,8 +46,9 @@ def preflight(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> None
     problem = [None]
     if not spread or tdist.get_rank() == 0:
         try:
-            check_inputs(recipe, model, save_folder)
-        except PreflightError as e:
+            check_inputs(recipe)
+            check_resume(recipe, save_folder)
+        except (PreflightError, RunFolderError) as e:
             problem = [str(e)]
     if spread:
         tdist.broadcast_object_list(problem, src=0)
@@ -52,7 +56,10 @@ def preflight(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> None
         sys.exit(f"error: {problem[0]}")
 
 
-def check_inputs(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> None:
+def check_inputs(recipe: Recipe) -> None:
+    """Every check of what the recipe points at that writes nothing: run by `train.py --plan` and by every start
+    (PreflightError or RunFolderError, one line each)."""
+    check_run_folder(recipe)  # run_dir: local, and the run it holds is this recipe's
     rel = recipe.reliability
     if rel.spike_window <= 0 or rel.nonfinite_max_skips < 0 or rel.min_free_gb < 0:
         raise PreflightError(f"reliability.spike_window must be positive and reliability.nonfinite_max_skips and "
@@ -60,19 +67,67 @@ def check_inputs(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> N
     if recipe.data.seq_len > MAX_POSITIONS:
         raise PreflightError(f"data.seq_len {recipe.data.seq_len} is longer than the {MAX_POSITIONS} positions the model "
                              "supports (max_position_embeddings of its exported config)")
-    if not recipe.data.order and rel.verify_shards != "none":
+    if not recipe.data.order:
         try:
             sources = resolve_sources(recipe.data)  # data.path alone, or each of data.sources
         except ValueError as e:
             raise PreflightError(str(e)) from None
         for source in sources:
-            if source.remote is None:  # remote shards are checked by streaming as it downloads them
+            if source.remote is not None:
+                if not (Path(source.local) / (source.split or "") / "index.json").is_file():  # else streaming reads the cached one
+                    check_remote(source.remote, source.split, f"{source.key}.remote")
+            elif rel.verify_shards != "none":  # remote shards are checked by streaming as it downloads them
                 check_shards(Path(source.local) / (source.split or ""), hashes=rel.verify_shards == "hash",
                              key=f"{source.key}.path")
+    check_tokenizer(recipe)
+    with torch.device("meta"):
+        model = EttinModel(recipe.model)
+    check_room(Path(recipe.run_dir) / "checkpoints", checkpoint_bytes(model) + int(rel.min_free_gb * 2**30))
+
+
+def check_resume(recipe: Recipe, save_folder: Path) -> None:
+    """Rank 0 at a start: the checkpoint folder repaired after a crash, and the checkpoint a resume loads checked."""
     resume_from = prepare_resume(save_folder, recipe.checkpoint.verify_digest) if recipe.checkpoint.autoresume else None
     if resume_from is not None:
         check_resume_checkpoint(resume_from, recipe)
-    check_room(save_folder, checkpoint_bytes(model) + int(rel.min_free_gb * 2**30))
+
+
+def check_tokenizer(recipe: Recipe) -> None:
+    """data.tokenizer loads (a folder here, or a Hub name reachable or cached) and fits model.vocab_size."""
+    from transformers import AutoTokenizer
+
+    from ettin_train.objectives import SpecialTokens
+
+    name = recipe.data.tokenizer
+    try:
+        tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(name))
+    except Exception as e:  # noqa: BLE001 - a typo'd path, no network, no such repository: one line
+        where = "no such folder, nor a Hub tokenizer that can be loaded" if not os.path.exists(name) else "not a tokenizer folder"
+        raise PreflightError(f"data.tokenizer {name}: {where} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if tokens.vocab_size > recipe.model.vocab_size:
+        raise PreflightError(f"tokenizer {name} has {tokens.vocab_size} tokens, more than model.vocab_size {recipe.model.vocab_size}")
+
+
+def check_remote(remote: str, split: str | None, key: str) -> None:
+    """The remote's index.json downloads (streaming's own downloader, so its credentials and endpoint settings): a
+    bucket without credentials, or a wrong path, is one line here instead of a traceback from a loader worker."""
+    import tempfile
+
+    from streaming.base.storage.download import CloudDownloader
+
+    url = "/".join(p.strip("/") for p in (remote, split or "", "index.json") if p)
+    with tempfile.TemporaryDirectory(prefix="ettin-remote-") as tmp:
+        try:
+            CloudDownloader.direct_download(url, os.path.join(tmp, "index.json"), timeout=60)
+        except Exception as e:  # noqa: BLE001 - whatever the store says, on one line
+            hint = ""
+            if remote.startswith("s3://"):
+                import boto3
+
+                if boto3.Session().get_credentials() is None:
+                    hint = "; no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials)"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PreflightError(f"{key} {remote}: cannot download {url} ({type(e).__name__}: {first}){hint}") from None
 
 
 def check_shards(folder: Path, hashes: bool, key: str = "data.path") -> None:
@@ -84,6 +139,10 @@ def check_shards(folder: Path, hashes: bool, key: str = "data.path") -> None:
         shards = json.loads(index.read_text())["shards"]
     except (ValueError, KeyError) as e:
         raise PreflightError(f"{key}: {index} is not an MDS index ({type(e).__name__}: {e})") from None
+    if not sum(int(shard.get("samples", 0)) for shard in shards):
+        raise PreflightError(f"{key}: {index} lists no samples (an empty MDS folder: was the tokenizer run cut short?)")
+    for shard in shards:
+        check_columns(shard, index, key)
     from streaming.base.hashing import get_hash
 
     for shard in shards:
@@ -104,6 +163,24 @@ def check_shards(folder: Path, hashes: bool, key: str = "data.path") -> None:
                         raise PreflightError(f"{key}: shard {path} does not match its {algo} hash in {index}")
 
 
+INTEGER_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+
+
+def check_columns(shard: dict, index: Path, key: str) -> None:
+    """Training reads `input_ids`, an integer ndarray; an MDS shard says its columns and their encodings."""
+    columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+    if "column_names" not in shard:
+        return  # not the MDS format (json, xsv): streaming reports it
+    if "input_ids" not in columns:
+        raise PreflightError(f"{key}: {index} has no column input_ids (its columns: {', '.join(columns) or 'none'}); "
+                             "training reads token ids from input_ids")
+    encoding = columns["input_ids"]
+    kind, _, dtype = encoding.partition(":")
+    if kind != "ndarray" or (dtype and dtype not in INTEGER_DTYPES):
+        raise PreflightError(f"{key}: column input_ids of {index} is encoded {encoding}, not an integer ndarray "
+                             "(e.g. ndarray:uint32, as data/shards.py writes it)")
+
+
 def check_resume_checkpoint(path: Path, recipe: Recipe) -> None:
     """The checkpoint a resume loads must be of this recipe's objective and model shape (its RunMetadata)."""
     try:  # of a sharded checkpoint (a torch.distributed.checkpoint folder) all but the tensors are read
@@ -121,8 +198,7 @@ def check_resume_checkpoint(path: Path, recipe: Recipe) -> None:
     if meta["objective"] != recipe.objective:
         raise PreflightError(f"run_dir {recipe.run_dir} holds a {meta['objective']} checkpoint ({path.name}), but the recipe's "
                              f"objective is {recipe.objective}: use another run_dir, or start from it with init.checkpoint")
-    shape = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "vocab_size")
-    differ = [f"model.{k} {meta['model'][k]} vs {ours[k]}" for k in shape if meta["model"].get(k) != ours[k]]
+    differ = [f"model.{k} {meta['model'][k]} vs {ours[k]}" for k in SHAPE if meta["model"].get(k) != ours[k]]
     if differ:
         raise PreflightError(f"run_dir {recipe.run_dir} holds a checkpoint of another model ({path.name}: "
                              f"{', '.join(differ)} in the recipe); use another run_dir")

@@ -124,3 +124,9 @@ def test_every_demo_recipe_loads():
         if "phases" in path.parts or path.name == "base.yaml":
             continue
         load_recipe(path)
+
+
+def test_an_unknown_key_without_a_near_one_lists_each_valid_key_once(recipe_files):
+    line = _error(recipe_files, "train.zzzzzzzzqq=1")
+    listed = line.partition("valid keys here: ")[2].split(", ")
+    assert "train.max_duration" in listed and len(listed) == len(set(listed)), line

@@ -26,6 +26,7 @@ import torch
 from ettin_train.checkpoint import digest
 from ettin_train.checkpoint.composer_format import CHECKPOINT_NAME, LATEST, is_sharded
 from ettin_train.checkpoint.digest import MARKER
+from ettin_train.checkpoint.run_identity import RunFolderError
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.checkpoint.sharded import load_sharded
 from ettin_train.config import Duration, Recipe
@@ -48,23 +49,31 @@ def prepare_resume(folder: Path, verify_digest: bool = True) -> Path | None:
     """Rank 0, before the Trainer is built: make `latest-rank0.pt` name the newest complete checkpoint
     and move newer, incomplete files aside. The newest marked checkpoint is checked against its marker (size and
     sha256; the size only with `verify_digest` false); one that no longer matches was damaged after it was
-    written: it is renamed `.damaged` (never deleted), said so, and the one before it is checked instead. A folder
+    written: it is renamed `.damaged` (never deleted), said so, and the one before it is checked instead; when no
+complete one is left, RunFolderError and nothing changes (a fresh start would cut the run's ledger). A folder
     without any marker (a run from before markers, or the original Ettin checkpoints) is left as it is. Returns
     the checkpoint a resume will load."""
     if not folder.is_dir():
         return None
-    for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
-        partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
     marked = marked_checkpoints(folder)
     if not marked and not list(folder.glob(f"*{MARKER}")):
+        _remove_partials(folder)
         latest = folder / "latest-rank0.pt"
         return latest if latest.exists() else None
-    newest = None
+    newest, damaged = None, []
     for f in reversed(marked):
         problem = digest.check(f, digest=verify_digest)
         if problem is None:
             newest = f
             break
+        damaged.append((f, problem))
+    if damaged and newest is None:  # resuming "from the one before" would be a fresh start over the run's ledger
+        f, problem = damaged[0]
+        raise RunFolderError(f"checkpoint {f} is damaged ({problem}) and no complete checkpoint of this run is left "
+                             "before it; nothing was changed: restore it from a copy, or move the run folder aside "
+                             "to start again")
+    _remove_partials(folder)
+    for f, problem in damaged:
         aside = digest.set_aside(f)
         print(f"warning: checkpoint {f.name} is damaged ({problem}); set aside as {aside.name}, "
               "resuming from the checkpoint before it", file=sys.stderr, flush=True)
@@ -78,6 +87,11 @@ def prepare_resume(folder: Path, verify_digest: bool = True) -> Path | None:
     elif not latest.is_symlink() or Path(os.readlink(latest)).name != newest.name:
         atomic_symlink(newest.name, latest)
     return newest
+
+
+def _remove_partials(folder: Path) -> None:
+    for partial in [*folder.glob("*.partial.pt"), *folder.glob("*.partial")]:
+        partial.unlink()  # by construction never complete: a checkpoint is renamed only once written
 
 
 def atomic_symlink(target: str, link: Path) -> None:

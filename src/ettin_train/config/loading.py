@@ -114,7 +114,7 @@ def _nearest(key: str, candidates: list[str]) -> str:
     best = by_full or by_leaf
     if best:
         return f"; did you mean '{best[0]}'?"
-    siblings = [c for c in candidates if c.rpartition(".")[0] == key.rpartition(".")[0]]
+    siblings = list(dict.fromkeys(c for c in candidates if c.rpartition(".")[0] == key.rpartition(".")[0]))  # each once
     return f"; valid keys here: {', '.join(siblings)}" if siblings else ""
 
 

@@ -71,13 +71,13 @@ class Progress(Callback):
 
 class RunMetadata(Callback):
     """Writes what a checkpoint is into it, under `state.callbacks.RunMetadata`: phase, objective, run
-    name, the resolved model config and tokenizer, so an exporter needs no recipe. (Checkpoints of the
+    name, the resolved model config and tokenizer, and the lineage (checkpoint/run_identity.py), so an exporter needs no recipe. (Checkpoints of the
     original runs lack it; the exporter then asks for --phase.)"""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, lineage: str | None = None):
         self.metadata = {"phase": recipe.phase, "objective": recipe.objective, "run_name": recipe.run_name,
                          "model": recipe_to_dict(recipe)["model"], "tokenizer": recipe.data.tokenizer,
-                         "seq_len": recipe.data.seq_len}
+                         "seq_len": recipe.data.seq_len, "lineage": lineage}
 
     def state_dict(self) -> dict:
         return dict(self.metadata)

@@ -10,7 +10,9 @@ import collections
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +23,7 @@ from composer.loggers import Logger
 from composer.utils import checkpoint, dist
 
 from ettin_train.checkpoint.digest import file_sha256, write_marker
-from ettin_train.checkpoint.run_folder import MARKER, atomic_symlink, checkpoint_bytes, fsync
+from ettin_train.checkpoint.run_folder import MARKER, atomic_symlink, checkpoint_bytes, fsync, marked_checkpoints
 from ettin_train.train import shims
 from ettin_train.train.module import composer_time
 
@@ -87,10 +89,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.last_complete = final
         self.saved_checkpoints.append(final)
         if self.num_checkpoints_to_keep > 0:
-            while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
-                old = self.saved_checkpoints.pop(0)
-                Path(old + MARKER).unlink(missing_ok=True)  # unmark first: a half-deleted one is never picked
-                os.remove(old)
+            # What is on disk, not what this start wrote: a requeued run's earlier checkpoints count too.
+            on_disk = marked_checkpoints(Path(final).parent)
+            for old in on_disk[: max(0, len(on_disk) - self.num_checkpoints_to_keep)]:
+                Path(f"{old}{MARKER}").unlink(missing_ok=True)  # unmark first: a half-deleted one is never picked
+                old.unlink()
+                if str(old) in self.saved_checkpoints:
+                    self.saved_checkpoints.remove(str(old))
 
     def _stage(self, stage: str, step: int, path: str) -> None:
         if self.on_stage is not None:
@@ -195,6 +200,44 @@ class SpikeMonitor(Callback):
                           f"{mean:.4f} (std {std:.4f}) of the last {self.window} steps", flush=True)
                 return
         self.losses.append(loss)
+
+
+class SaveOnSignal(Callback):
+    """SIGTERM (what Slurm, torchrun and Composer's launcher send before they kill) or SIGUSR1 (Slurm's `--signal`):
+    the step in flight finishes, then the run stops with a checkpoint of that step (Composer saves at the end of
+    training), so a preempted run loses no more than that step plus the write. The ranks agree on the step (one
+    all-reduced flag per step), as a signal reaches them at different moments."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.stopped: str | None = None  # the signal's name once the run stopped for it
+        self.previous: dict = {}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+
+    def _note(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        flag = state.device.tensor_to_device(torch.tensor([self.received or 0]))
+        dist.all_reduce(flag, reduce_operation="MAX")
+        if not flag.item() or self.stopped or state.get_elapsed_duration() >= 1.0:  # the last step ends the run anyway
+            return
+        self.received = self.received or int(flag.item())
+        self.stopped = signal.Signals(self.received).name
+        state.stop_training()
+        if dist.get_global_rank() == 0:
+            print(f"[{state.run_name}] {self.stopped} received: stopping after step {state.timestamp.batch.value} with "
+                  "a checkpoint of it", flush=True)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:

@@ -8,23 +8,23 @@ rewrites this package only.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import yaml
 from composer import Callback, Trainer
 from composer.core import DataSpec
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from ettin_train.checkpoint import resume
+from ettin_train.checkpoint import resume, run_identity
 from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.phase_start import start_phase_from
-from ettin_train.config import Duration, Recipe, recipe_to_dict
+from ettin_train.config import Duration, Recipe
 from ettin_train.data.order import OrderError
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
 from ettin_train.data.replay import ReplayBatches
@@ -37,7 +37,7 @@ from ettin_train.train import parallel
 from ettin_train.train.callbacks import (DataStepCheck, Evaluate, ExportCheckpoints, Ledger, Progress, RunMetadata,
                                         StopAfter)
 from ettin_train.train.module import EttinComposerModel, LRSchedule, build_optimizer, composer_time
-from ettin_train.train.reliability import StopRun, reliability_callbacks
+from ettin_train.train.reliability import SaveOnSignal, StopRun, reliability_callbacks
 from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, checked_tarballs,
                                      digest_checkpoint_writes, route_checkpoint_loads)
 
@@ -47,20 +47,20 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     comes in this way)."""
     device, world = _start_processes(recipe)
     on_gpu = isinstance(device, DeviceGPU)
+    run_dir = Path(recipe.run_dir)
+    save_folder = run_dir / "checkpoints"
+    preflight(recipe, save_folder)  # bad inputs stop here; a crashed run's checkpoint folder is repaired
     tokens = _special_tokens(recipe)
     objective = get_objective(recipe.objective)
     model = EttinModel(recipe.model)
     optimizer = build_optimizer(model, recipe)
-
-    run_dir = Path(recipe.run_dir)
-    save_folder = run_dir / "checkpoints"
-    preflight(recipe, model, save_folder)  # bad inputs stop here; a crashed run's checkpoint folder is repaired
     start = _starting_point(recipe, model, optimizer, save_folder)
     dataset, loader, per_device = _data(recipe, objective, tokens, world)
     evaluate = _in_loop_eval(recipe, objective, tokens, world, on_gpu)  # held-out data read before anything is written
+    lineage = [run_identity.lineage_of(recipe) if dist.get_global_rank() == 0 else None]
+    dist.broadcast_object_list(lineage, src=0)
     if dist.get_global_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        run_identity.record_start(recipe, lineage[0])  # run.json at the first start; this start's recipe kept
         print(f"[{recipe.run_name}] {recipe.objective} {recipe.phase}, {model.num_params():,} parameters, "
               f"{world} process(es) on {'gpu' if on_gpu else 'cpu'} ({parallel.describe(recipe.parallel, world)}), "
               f"{per_device} sequences per device\n[{recipe.run_name}] start: {start.described}", flush=True)
@@ -68,7 +68,8 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     restore_rng = RestoreRngMidEpoch()
     exporter = ExportCheckpoints(CheckpointExporter(recipe.export.repo, recipe.run_name), recipe.export.every_checkpoint) \
         if recipe.export.repo else None
-    callbacks = _callbacks(recipe, save_folder, restore_rng, exporter, evaluate) + list(extra_callbacks)
+    on_signal = SaveOnSignal()
+    callbacks = _callbacks(recipe, save_folder, restore_rng, exporter, evaluate, lineage[0]) + [on_signal] + list(extra_callbacks)
     # Both loaders (replayed order, own data) seek from a sample count, so a checkpoint without a data position
     # (the original runs') continues at its step without re-reading the epoch.
     layout = resume.CurrentLayout(ParamLayout.of(model, optimizer), data_position=lambda n: dataset.state_dict(n, True))
@@ -125,6 +126,11 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     if lost:
         print(f"error: {lost}", file=sys.stderr, flush=True)  # at once: the launcher's SIGTERM may follow
         sys.exit(1)
+    if on_signal.stopped:  # not finished: a non-zero status, so a pipeline does not go on to the next phase
+        if dist.get_global_rank() == 0:
+            print(f"[{recipe.run_name}] stopped on {on_signal.stopped} at step {trainer.state.timestamp.batch.value}; "
+                  f"checkpoint {os.path.realpath(save_folder / 'latest-rank0.pt')}; run the same command to resume", flush=True)
+        sys.exit(128 + signal.Signals[on_signal.stopped].value)
     if dist.get_global_rank() == 0:
         print(f"[{recipe.run_name}] done at step {trainer.state.timestamp.batch.value}; checkpoints in {save_folder}", flush=True)
 
@@ -150,11 +156,7 @@ def _start_processes(recipe: Recipe) -> tuple[DeviceCPU | DeviceGPU, int]:
 def _special_tokens(recipe: Recipe) -> SpecialTokens:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.data.tokenizer)
-    tokens = SpecialTokens.from_tokenizer(tokenizer)
-    if tokens.vocab_size > recipe.model.vocab_size:
-        sys.exit(f"error: tokenizer {recipe.data.tokenizer} has {tokens.vocab_size} tokens, more than model.vocab_size {recipe.model.vocab_size}")
-    return tokens
+    return SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(recipe.data.tokenizer))  # checked by preflight
 
 
 @dataclass
@@ -195,7 +197,8 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
     """The dataset (a replayed order, or one global permutation per epoch of the recipe's own data), its
     loader, and the sequences per device of the largest step."""
     collate = objective.make_collator(tokens, recipe.data.mask_rate, recipe.train.seed)
-    workers = dict(num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0)
+    workers = dict(num_workers=recipe.data.num_workers, persistent_workers=recipe.data.num_workers > 0,
+                   worker_init_fn=_leave_signals_to_the_trainer if recipe.data.num_workers > 0 else None)
     per_device = recipe.train.global_batch // world
     if recipe.data.order:
         order_phase = recipe.data.order_phase or phase_named(recipe.phase).short
@@ -220,6 +223,12 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
     return dataset, DataLoader(dataset, batch_size=None, **workers), per_device
 
 
+def _leave_signals_to_the_trainer(_worker: int) -> None:
+    """A loader worker ignores SIGTERM, which Slurm sends to every process of a job: the trainer then finishes its
+    step and saves (SaveOnSignal) instead of failing on a dead worker. Workers still exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _in_loop_eval(recipe: Recipe, objective, tokens: SpecialTokens, world: int, on_gpu: bool) -> Evaluate | None:
     """The recipe's `eval` (off while eval.sources is empty); a held-out source that cannot be used exits here."""
     if not recipe.eval.sources:
@@ -236,9 +245,9 @@ def _in_loop_eval(recipe: Recipe, objective, tokens: SpecialTokens, world: int, 
 
 
 def _callbacks(recipe: Recipe, save_folder: Path, restore_rng: RestoreRngMidEpoch,
-               exporter: ExportCheckpoints | None, evaluate: Evaluate | None) -> list[Callback]:
+               exporter: ExportCheckpoints | None, evaluate: Evaluate | None, lineage: str) -> list[Callback]:
     run_dir = Path(recipe.run_dir)
-    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe),
+    callbacks: list[Callback] = [Progress(recipe, recipe.logging.console_interval), restore_rng, RunMetadata(recipe, lineage),
                                  Ledger(run_dir / "ledger.jsonl", recipe.phase, recipe.logging.console_interval)]
     callbacks += [evaluate] if evaluate else []  # after the step's console line, before its checkpoint
     callbacks.append(DataStepCheck())  # replay and own data both tag every batch with its step

@@ -124,3 +124,13 @@ def test_every_demo_recipe_loads():
         if "phases" in path.parts or path.name == "base.yaml":
             continue
         load_recipe(path)
+
+
+def test_evaluation_masks_at_the_originals_rate(recipe_files):
+    """The original runs trained their encoders at 30% masking but evaluated at 15% (eval_loader's
+    mlm_probability in every Ettin encoder YAML): in-loop eval and ettin-eval default to that."""
+    from ettin_train.eval.cli import parse_args
+
+    recipe, _ = load_recipe(recipe_files / "child.yaml", [])
+    assert recipe.eval.mask_rate == 0.15
+    assert parse_args(["run", "--data", "d", "--out", "o"]).mask_rate == 0.15

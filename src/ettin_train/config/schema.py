@@ -231,7 +231,8 @@ class EvalConfig:
     # The context of the evaluation rows; null: data.seq_len. Fix it across phases to compare their curves.
     seq_len: Optional[int] = None
     # MLM/MNTP masking of the evaluation rows, fixed across phases (data.mask_rate changes between them).
-    mask_rate: float = 0.3
+    # 0.15: what the original runs evaluated at (their eval_loader's mlm_probability), whatever they trained at.
+    mask_rate: float = 0.15
     # Fixes which rows of each source are taken and their masks.
     seed: int = 1234
 

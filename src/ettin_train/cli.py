@@ -36,13 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     done = finished_run(recipe)  # a finished run run again (a requeue): say so, do not build the trainer
     if args.plan:
         from ettin_train.plan import format_plan, make_plan
+        from ettin_train.preflight import PreflightError, check_data
 
+        try:  # the run's own data checks (shards against the recipe); data not there yet is not an error here
+            notes = check_data(recipe, missing_ok=True)
+        except PreflightError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         plan = make_plan(recipe) | {"complete": done and {"step": done.step, "tokens": done.tokens,
-                                                            "checkpoint": str(done.checkpoint)}}
+                                                            "checkpoint": str(done.checkpoint)}, "data_notes": notes}
         if args.json:
             print(json.dumps(plan))
         else:
-            print(format_plan(plan) + (f"\n\n{done.line()}" if done else ""))
+            print(format_plan(plan) + "".join(f"\nnote: {n}" for n in notes) + (f"\n\n{done.line()}" if done else ""))
             print("\nresolved recipe:\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         return 0
     if args.plot:

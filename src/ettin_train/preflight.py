@@ -21,7 +21,10 @@ import torch.distributed as tdist
 from ettin_train.checkpoint.hf import hf_config
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.config import Recipe, recipe_to_dict
+from ettin_train.data.order import OrderError, OrderIndex
 from ettin_train.data.permuted import resolve_sources
+from ettin_train.data.shard_record import check_folder
+from ettin_train.phases import phase as phase_named
 from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
 from ettin_train.data.streaming_leftovers import clean_streaming_leftovers
 
@@ -59,19 +62,75 @@ def check_inputs(recipe: Recipe, model: torch.nn.Module, save_folder: Path) -> N
     if recipe.data.seq_len > MAX_POSITIONS:
         raise PreflightError(f"data.seq_len {recipe.data.seq_len} is longer than the {MAX_POSITIONS} positions the model "
                              "supports (max_position_embeddings of its exported config)")
-    if not recipe.data.order and rel.verify_shards != "none":
-        try:
-            sources = resolve_sources(recipe.data)  # data.path alone, or each of data.sources
-        except ValueError as e:
-            raise PreflightError(str(e)) from None
-        for source in sources:
-            if source.remote is None:  # remote shards are checked by streaming as it downloads them
-                check_shards(Path(source.local) / (source.split or ""), hashes=rel.verify_shards == "hash",
-                             key=f"{source.key}.path")
+    for note in check_data(recipe):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     resume_from = prepare_resume(save_folder, recipe.checkpoint.verify_digest) if recipe.checkpoint.autoresume else None
     if resume_from is not None:
         check_resume_checkpoint(resume_from, recipe)
     check_room(save_folder, checkpoint_bytes(model) + int(rel.min_free_gb * 2**30))
+
+
+def check_data(recipe: Recipe, missing_ok: bool = False) -> list[str]:
+    """The data the recipe points at, before any work: its shards against their index (reliability.verify_shards),
+    what they are (data/shard_record.py: tokenizer, framing, dtype) against the recipe, and a replayed order's
+    row lengths against data.seq_len. Returns notes for what trains but maybe not as meant. `missing_ok`
+    (train.py --plan) skips sources that are not there, where a run would refuse them."""
+    data, verify = recipe.data, recipe.reliability.verify_shards
+    if data.order:
+        if not (missing_ok and not Path(data.order).exists()):
+            check_order_rows(recipe)
+        return []
+    try:
+        sources = resolve_sources(data, missing_ok=missing_ok)  # data.path alone, or each of data.sources
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    notes = []
+    for source in sources:
+        folder = Path(source.local) / (source.split or "")  # the shards themselves, cached or not
+        if source.remote is not None or not (folder / "index.json").is_file():
+            continue  # remote shards are checked by streaming as it downloads them; missing ones only with missing_ok
+        if verify != "none":
+            check_shards(folder, hashes=verify == "hash", key=f"{source.key}.path")
+        try:
+            notes += check_folder(folder, f"{source.key}.path", data.seq_len, data.tokenizer, _tokenizer(data.tokenizer))
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+    return notes
+
+
+def _tokenizer(name: str):
+    """Loads the recipe's tokenizer once, when a shard record asks for it."""
+    loaded = []
+
+    def load():
+        if not loaded:
+            from transformers import AutoTokenizer
+
+            try:
+                loaded.append(AutoTokenizer.from_pretrained(name))
+            except Exception as e:  # noqa: BLE001 - a wrong path or an unreachable Hub name
+                raise ValueError(f"data.tokenizer: {name} cannot be loaded ({type(e).__name__}: {e})".splitlines()[0]) from None
+        return loaded[0]
+
+    return load
+
+
+def check_order_rows(recipe: Recipe) -> None:
+    """A replayed order's rows are the original's collated batches, cut to that phase's sequence_length; a
+    shorter data.seq_len would stop the run at the first longer row. Refused here, unless data.truncate_long_rows."""
+    data = recipe.data
+    try:
+        index = OrderIndex(data.order)
+    except (OrderError, ValueError) as e:
+        raise PreflightError(f"data.order: {e}") from None
+    phase = data.order_phase or phase_named(recipe.phase).short
+    if phase not in index.phases:
+        return  # the loader names the phases there are
+    longest = index.longest_row(phase)
+    if longest > data.seq_len and not data.truncate_long_rows:
+        raise PreflightError(f"data.order: {data.order} phase {phase} has rows of up to {longest} tokens, longer than "
+                             f"data.seq_len {data.seq_len}: set data.seq_len: {longest}, or data.truncate_long_rows: true "
+                             f"to cut them as the original's loader does (counted in ledger.jsonl)")
 
 
 def check_shards(folder: Path, hashes: bool, key: str = "data.path") -> None:

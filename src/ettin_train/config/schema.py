@@ -59,6 +59,14 @@ class DataConfig:
     # `phase` (pretrain, extension -> ext, decay) unless `order_phase` names one.
     order: Optional[str] = None
     order_phase: Optional[Literal["pretrain", "ext", "decay"]] = None
+    # With data.order: rows longer than seq_len (the order's phase was cut at a longer sequence_length) are refused
+    # before any work; true cuts them as the original's loader does (text_data.py: keep seq_len tokens; for
+    # encoders the last becomes [SEP]) and ledger.jsonl counts them per step (`truncated_rows`).
+    truncate_long_rows: bool = False
+    # Where streaming writes the decompressed copies of zstd shards (each shard is read from its .zstd file and
+    # decompressed once; by default the copy lands beside it, in `path`). Set it to keep `path` read-only or to
+    # put the copies on a faster or larger disk. Not with `remote` (then `path` is already the cache).
+    local_cache: Optional[str] = None
     # Mean real tokens per sequence, only for the step estimate in --plan (Ettin pre-training: ~615 of 1024).
     mean_tokens_per_seq: Optional[float] = None
     # A mixture: several MDS sources with weights, mixed in every global batch (docs/data.md); then

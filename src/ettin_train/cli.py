@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from ettin_train.checkpoint.safe_load import UnsafeCheckpointError
     from ettin_train.preflight import PreflightError, check_inputs
 
+    notes: list[str] = []
     try:
         check_run_folder(recipe)  # another run's folder is refused, finished or not, before anything is written
         done = finished_run(recipe)  # a finished run run again (a requeue): say so, do not build the trainer
         if args.plan and not done:
-            check_inputs(recipe)  # what a start checks before it writes anything (run() checks it again)
+            notes = check_inputs(recipe)  # what a start checks before it writes anything (run() checks it again)
     except (PreflightError, RunFolderError, UnsafeCheckpointError) as e:  # one line, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -48,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         from ettin_train.plan import format_plan, make_plan
 
         plan = make_plan(recipe) | {"complete": done and {"step": done.step, "tokens": done.tokens,
-                                                            "checkpoint": str(done.checkpoint)}}
+                                                            "checkpoint": str(done.checkpoint)}, "data_notes": notes}
         if args.json:
             print(json.dumps(plan))
         else:
-            print(format_plan(plan) + (f"\n\n{done.line()}" if done else ""))
+            print(format_plan(plan) + "".join(f"\nnote: {n}" for n in notes) + (f"\n\n{done.line()}" if done else ""))
             print("\nresolved recipe:\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         return 0
     if args.plot:

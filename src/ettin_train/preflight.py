@@ -23,7 +23,10 @@ from ettin_train.checkpoint.hf import hf_config
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.checkpoint.sharded import load_sharded
 from ettin_train.config import Recipe, recipe_to_dict
+from ettin_train.data.order import OrderError, OrderIndex
 from ettin_train.data.permuted import resolve_sources
+from ettin_train.data.shard_record import check_folder
+from ettin_train.phases import phase as phase_named
 from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
 from ettin_train.checkpoint.run_identity import SHAPE, RunFolderError, check_run_folder
 from ettin_train.model import EttinModel
@@ -46,7 +49,8 @@ def preflight(recipe: Recipe, save_folder: Path) -> None:
     problem = [None]
     if not spread or tdist.get_rank() == 0:
         try:
-            check_inputs(recipe)
+            for note in check_inputs(recipe):
+                print(f"note: {note}", file=sys.stderr, flush=True)
             check_resume(recipe, save_folder)
         except (PreflightError, RunFolderError) as e:
             problem = [str(e)]
@@ -56,9 +60,9 @@ def preflight(recipe: Recipe, save_folder: Path) -> None:
         sys.exit(f"error: {problem[0]}")
 
 
-def check_inputs(recipe: Recipe) -> None:
+def check_inputs(recipe: Recipe) -> list[str]:
     """Every check of what the recipe points at that writes nothing: run by `train.py --plan` and by every start
-    (PreflightError or RunFolderError, one line each)."""
+    (PreflightError or RunFolderError, one line each). Returns notes for what trains, but maybe not as meant."""
     check_run_folder(recipe)  # run_dir: local, and the run it holds is this recipe's
     rel = recipe.reliability
     if rel.spike_window <= 0 or rel.nonfinite_max_skips < 0 or rel.min_free_gb < 0:
@@ -67,22 +71,58 @@ def check_inputs(recipe: Recipe) -> None:
     if recipe.data.seq_len > MAX_POSITIONS:
         raise PreflightError(f"data.seq_len {recipe.data.seq_len} is longer than the {MAX_POSITIONS} positions the model "
                              "supports (max_position_embeddings of its exported config)")
-    if not recipe.data.order:
-        try:
-            sources = resolve_sources(recipe.data)  # data.path alone, or each of data.sources
-        except ValueError as e:
-            raise PreflightError(str(e)) from None
-        for source in sources:
-            if source.remote is not None:
-                if not (Path(source.local) / (source.split or "") / "index.json").is_file():  # else streaming reads the cached one
-                    check_remote(source.remote, source.split, f"{source.key}.remote")
-            elif rel.verify_shards != "none":  # remote shards are checked by streaming as it downloads them
-                check_shards(Path(source.local) / (source.split or ""), hashes=rel.verify_shards == "hash",
-                             key=f"{source.key}.path")
-    check_tokenizer(recipe)
+    tokenizer = check_tokenizer(recipe)
+    notes = check_data(recipe, tokenizer)
     with torch.device("meta"):
         model = EttinModel(recipe.model)
     check_room(Path(recipe.run_dir) / "checkpoints", checkpoint_bytes(model) + int(rel.min_free_gb * 2**30))
+    return notes
+
+
+def check_data(recipe: Recipe, tokenizer) -> list[str]:
+    """The data the recipe points at: its shards against their index (reliability.verify_shards), what they are
+    (data/shard_record.py: tokenizer, framing, dtype) against the recipe, a remote's index, and a replayed order's
+    row lengths against data.seq_len. Returns notes for what trains but maybe not as meant."""
+    data, verify = recipe.data, recipe.reliability.verify_shards
+    if data.order:
+        check_order_rows(recipe)
+        return []
+    try:
+        sources = resolve_sources(data)  # data.path alone, or each of data.sources
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    notes = []
+    for source in sources:
+        folder = Path(source.local) / (source.split or "")  # the shards themselves, or a remote's cache
+        if source.remote is not None:
+            if not (folder / "index.json").is_file():  # else streaming reads the cached one
+                check_remote(source.remote, source.split, f"{source.key}.remote")
+            continue  # remote shards are checked by streaming as it downloads them
+        if verify != "none":
+            check_shards(folder, hashes=verify == "hash", key=f"{source.key}.path")
+        try:
+            notes += check_folder(folder, f"{source.key}.path", data.seq_len, data.tokenizer, lambda: tokenizer)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+    return notes
+
+
+def check_order_rows(recipe: Recipe) -> None:
+    """A replayed order's rows are the original's collated batches, cut to that phase's sequence_length; a
+    shorter data.seq_len would stop the run at the first longer row. Refused here, unless data.truncate_long_rows."""
+    data = recipe.data
+    try:
+        index = OrderIndex(data.order)
+    except (OrderError, ValueError) as e:
+        raise PreflightError(f"data.order: {e}") from None
+    phase = data.order_phase or phase_named(recipe.phase).short
+    if phase not in index.phases:
+        return  # the loader names the phases there are
+    longest = index.longest_row(phase)
+    if longest > data.seq_len and not data.truncate_long_rows:
+        raise PreflightError(f"data.order: {data.order} phase {phase} has rows of up to {longest} tokens, longer than "
+                             f"data.seq_len {data.seq_len}: set data.seq_len: {longest}, or data.truncate_long_rows: true "
+                             f"to cut them as the original's loader does (counted in ledger.jsonl)")
 
 
 def check_resume(recipe: Recipe, save_folder: Path) -> None:
@@ -92,20 +132,22 @@ def check_resume(recipe: Recipe, save_folder: Path) -> None:
         check_resume_checkpoint(resume_from, recipe)
 
 
-def check_tokenizer(recipe: Recipe) -> None:
-    """data.tokenizer loads (a folder here, or a Hub name reachable or cached) and fits model.vocab_size."""
+def check_tokenizer(recipe: Recipe):
+    """data.tokenizer loads (a folder here, or a Hub name reachable or cached) and fits model.vocab_size; returns it."""
     from transformers import AutoTokenizer
 
     from ettin_train.objectives import SpecialTokens
 
     name = recipe.data.tokenizer
     try:
-        tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(name))
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokens = SpecialTokens.from_tokenizer(tokenizer)
     except Exception as e:  # noqa: BLE001 - a typo'd path, no network, no such repository: one line
         where = "no such folder, nor a Hub tokenizer that can be loaded" if not os.path.exists(name) else "not a tokenizer folder"
         raise PreflightError(f"data.tokenizer {name}: {where} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if tokens.vocab_size > recipe.model.vocab_size:
         raise PreflightError(f"tokenizer {name} has {tokens.vocab_size} tokens, more than model.vocab_size {recipe.model.vocab_size}")
+    return tokenizer
 
 
 def check_remote(remote: str, split: str | None, key: str) -> None:

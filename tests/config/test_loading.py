@@ -130,3 +130,13 @@ def test_an_unknown_key_without_a_near_one_lists_each_valid_key_once(recipe_file
     line = _error(recipe_files, "train.zzzzzzzzqq=1")
     listed = line.partition("valid keys here: ")[2].split(", ")
     assert "train.max_duration" in listed and len(listed) == len(set(listed)), line
+
+
+def test_evaluation_masks_at_the_originals_rate(recipe_files):
+    """The original runs trained their encoders at 30% masking but evaluated at 15% (eval_loader's
+    mlm_probability in every Ettin encoder YAML): in-loop eval and ettin-eval default to that."""
+    from ettin_train.eval.cli import parse_args
+
+    recipe, _ = load_recipe(recipe_files / "child.yaml", [])
+    assert recipe.eval.mask_rate == 0.15
+    assert parse_args(["run", "--data", "d", "--out", "o"]).mask_rate == 0.15

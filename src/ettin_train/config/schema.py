@@ -59,6 +59,14 @@ class DataConfig:
     # `phase` (pretrain, extension -> ext, decay) unless `order_phase` names one.
     order: Optional[str] = None
     order_phase: Optional[Literal["pretrain", "ext", "decay"]] = None
+    # With data.order: rows longer than seq_len (the order's phase was cut at a longer sequence_length) are refused
+    # before any work; true cuts them as the original's loader does (text_data.py: keep seq_len tokens; for
+    # encoders the last becomes [SEP]) and ledger.jsonl counts them per step (`truncated_rows`).
+    truncate_long_rows: bool = False
+    # Where streaming writes the decompressed copies of zstd shards (each shard is read from its .zstd file and
+    # decompressed once; by default the copy lands beside it, in `path`). Set it to keep `path` read-only or to
+    # put the copies on a faster or larger disk. Not with `remote` (then `path` is already the cache).
+    local_cache: Optional[str] = None
     # Mean real tokens per sequence, only for the step estimate in --plan (Ettin pre-training: ~615 of 1024).
     mean_tokens_per_seq: Optional[float] = None
     # A mixture: several MDS sources with weights, mixed in every global batch (docs/data.md); then
@@ -231,7 +239,8 @@ class EvalConfig:
     # The context of the evaluation rows; null: data.seq_len. Fix it across phases to compare their curves.
     seq_len: Optional[int] = None
     # MLM/MNTP masking of the evaluation rows, fixed across phases (data.mask_rate changes between them).
-    mask_rate: float = 0.3
+    # 0.15: what the original runs evaluated at (their eval_loader's mlm_probability), whatever they trained at.
+    mask_rate: float = 0.15
     # Fixes which rows of each source are taken and their masks.
     seed: int = 1234
 

@@ -83,5 +83,11 @@ def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dic
     folders = {name: (train, seq_len) for name, seq_len in seq_lens.items()}
     if heldout:
         folders |= {f"heldout_{name}": (test, seq_len) for name, seq_len in seq_lens.items()}
-    return {name: write_shards(str(Path(out_dir) / name), encoded, seq_len, tok.cls_token_id, tok.sep_token_id)
-            for name, (encoded, seq_len) in folders.items()}
+    from ettin_train.data.shard_record import make_record, write_record
+
+    written = {}
+    for name, (encoded, seq_len) in folders.items():
+        folder = Path(out_dir) / name
+        written[name] = write_shards(str(folder), encoded, seq_len, tok.cls_token_id, tok.sep_token_id)
+        write_record(folder, make_record(tok, str(Path(out_dir) / "tokenizer"), seq_len))  # what train.py checks
+    return written

@@ -1,6 +1,7 @@
 """`ledger.jsonl` without waiting on the device: what each step trained on, written at log intervals.
 
 A ledger line per step holds the step, phase, data step, rows, non-padding tokens, the loss,
+`truncated_rows` (only when a replay cuts rows longer than data.seq_len: how many of the step's rows were cut),
 `rows_sha256` (sha256 over the step's global rows in order, each row's non-padding ids as little-endian
 int32; what data_tools/show_batch.py prints for a step of an order) and `inputs_sha256` (the same over the
 model's inputs, after MLM masking).
@@ -36,6 +37,7 @@ class RankPart:
     tokens: int
     original: bytes  # the labels where MLM masked a position, the inputs elsewhere: the data's own ids
     inputs: bytes
+    truncated: Optional[int] = None  # rows cut to data.seq_len (a replay with data.truncate_long_rows), else None
 
 
 def _host(t) -> np.ndarray:
@@ -48,17 +50,22 @@ def rank_part(step: int, batch: dict) -> RankPart:
     ids, mask = _host(batch["input_ids"]), _host(batch["attention_mask"]).astype(bool)
     original = ids if "labels" not in batch else np.where(_host(batch["labels"]) != -100, _host(batch["labels"]), ids)
     data_step = int(_host(batch["step"]).reshape(-1)[0]) if "step" in batch else None
+    truncated = int(_host(batch["truncated"]).sum()) if "truncated" in batch else None
     return RankPart(step=step, data_step=data_step, rows=len(ids), tokens=int(mask.sum()),
-                    original=original[mask].astype("<i4").tobytes(), inputs=ids[mask].astype("<i4").tobytes())
+                    original=original[mask].astype("<i4").tobytes(), inputs=ids[mask].astype("<i4").tobytes(),
+                    truncated=truncated)
 
 
 def ledger_line(parts: list[RankPart], phase: str, loss: float) -> dict:
-    """The ledger line of one step from every rank's part, in rank order."""
-    return {"step": parts[0].step, "phase": phase, "data_step": parts[0].data_step,
+    """The ledger line of one step from every rank's part, in rank order (`truncated_rows` only where rows are cut)."""
+    line = {"step": parts[0].step, "phase": phase, "data_step": parts[0].data_step,
             "rows": sum(p.rows for p in parts), "tokens": sum(p.tokens for p in parts),
             "rows_sha256": hashlib.sha256(b"".join(p.original for p in parts)).hexdigest(),
             "inputs_sha256": hashlib.sha256(b"".join(p.inputs for p in parts)).hexdigest(),
             "loss": loss}
+    if parts[0].truncated is not None:
+        line["truncated_rows"] = sum(p.truncated for p in parts)
+    return line
 
 
 class LedgerBuffer:

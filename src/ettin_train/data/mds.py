@@ -8,6 +8,21 @@ from streaming import StreamingDataset
 from ettin_train.objectives.base import SpecialTokens
 
 
+class DataError(ValueError):
+    """A sample the run cannot train on, found as it is read: one line naming the shard and the sample. (A plain
+    one-argument exception, so a DataLoader worker's copy re-raised in the main process keeps the type.)"""
+
+    def line(self) -> str:
+        """The message alone, also from a worker's copy (whose text is the worker's whole traceback)."""
+        last = str(self).strip().splitlines()[-1]
+        return last.split("DataError: ", 1)[-1]
+
+
+def first_pad(ids: np.ndarray, tokens: SpecialTokens) -> int | None:
+    hits = np.flatnonzero(np.asarray(ids) == tokens.pad)
+    return int(hits[0]) if len(hits) else None
+
+
 def frame(ids: np.ndarray, seq_len: int, tokens: SpecialTokens, force_sep: bool) -> np.ndarray:
     """The original `NoStreamingDataset.__getitem__`: prepend [CLS] if missing, truncate to seq_len;
     for encoders, a sample that does not end in [SEP] is cut to seq_len - 1 and gets one."""
@@ -30,4 +45,12 @@ class FramedMDSDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
         sample = super().get_item(sample_id, retry)
+        pos = first_pad(sample["input_ids"], self.tokens)
+        if pos is not None:  # the original asserts it away (text_data.py); trained on, the CLM loss would score it
+            shard, index = self.spanner[sample_id]
+            reader = self.shards[shard]
+            name = (reader.zip_data or reader.raw_data).basename
+            raise DataError(f"{reader.dirname}/{name} sample {index} (global sample {sample_id}): [PAD] id "
+                            f"{self.tokens.pad} at position {pos} inside the sample; the original's loader refuses it "
+                            f"and the loss would score it: write the shards without padding")
         return {"input_ids": frame(sample["input_ids"], self.seq_len, self.tokens, self.force_sep), "key": int(sample_id)}

@@ -314,13 +314,13 @@ def validate_and_import(order_dir: str | Path, out_dir: str | Path, vocab_size: 
                        "source": str(Path(order_dir).resolve()), "phases": {}}
         for src in sources:
             checker = _StepChecker()
-            width = 0
+            width = longest = 0
             with MDSWriter(out=str(tmp / src.phase), columns=COLUMNS, compression=None, hashes=["sha256"],
                            size_limit=shard_size_limit) as writer:
                 row_in_step, cur = 0, 0
                 for f in src.files:
                     for c in checker.file(f, _read_file(f, vocab_size, pad_id)):
-                        width = max(width, c.ids.shape[1])
+                        width, longest = max(width, c.ids.shape[1]), max(longest, int(c.lengths.max()))
                         for ids, n, step in zip(c.ids, c.lengths.tolist(), c.steps.tolist()):
                             if step != cur:
                                 cur, row_in_step = step, 0
@@ -334,6 +334,7 @@ def validate_and_import(order_dir: str | Path, out_dir: str | Path, vocab_size: 
             t_sha, s_sha = _phase_digests(table, _shard_hashes(tmp / src.phase / "index.json"))
             index["phases"][src.phase] = {
                 "folder": src.phase, "steps": len(sizes), "samples": int(sizes.sum()), "sequence_length": width,
+                "longest_row": longest,  # non-padding tokens of the longest row (sequence_length is the padded width)
                 "step_table": f"{src.phase}/step_table.npy", "step_table_sha256": t_sha, "shards_sha256": s_sha,
                 "source_folders": src.folders,
                 "source_files": [{"file": f.rel, "first_step": f.first, "last_step": f.last} for f in src.files],
@@ -415,6 +416,13 @@ class OrderIndex:
         first, size = table[step - 1]
         return int(first), int(size)
 
+    def longest_row(self, phase: str) -> int:
+        """Non-padding tokens of the phase's longest row; an import made before this was recorded gives the
+        published sequence_length, which bounds it (rows are the batches padded to their longest)."""
+        self._table(phase)
+        p = self.index["phases"][phase]
+        return int(p.get("longest_row", p["sequence_length"]))
+
     def batch_size(self, phase: str, step: int) -> int:
         return self._entry(phase, step)[1]
 
@@ -435,6 +443,13 @@ class OrderIndex:
             raise OrderError(path, f"shard is shorter than its offsets say (samples {lo}..{hi - 1})")
         rel = offsets - offsets[0]
         return [reader.decode_sample(data[rel[i]:rel[i + 1]]) for i in range(hi - lo)]
+
+    def locate(self, phase: str, step: int, row: int) -> tuple[str, int]:
+        """The shard file holding a step's row, and the row's index in it (for error messages)."""
+        g = self.first_sample(phase, step) + row
+        readers, starts = self._shards[phase]
+        s = bisect.bisect_right(starts, g) - 1
+        return os.path.join(readers[s].dirname, readers[s].raw_data.basename), g - starts[s]
 
     def rows(self, phase: str, step: int) -> list[np.ndarray]:
         """The step's rows in batch order: non-padding token ids (int64 arrays)."""

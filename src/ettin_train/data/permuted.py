@@ -32,22 +32,37 @@ from ettin_train.phases import phase as phase_named
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One source of a run: `local` (the MDS folder, or the cache folder of `remote`), `remote`, `split`, weight."""
+    """One source of a run: `local` (the MDS folder, or the cache folder of `remote`), `remote`, `split`, weight,
+    and `cache`: where streaming writes the decompressed copies of a local folder's zstd shards (data.local_cache;
+    None: beside the shards)."""
 
     key: str  # the recipe key that declared it, for error messages: data or data.sources[i]
     local: str
     remote: str | None
     split: str | None
     weight: float
+    cache: str | None = None
+
+    def streaming_args(self) -> dict:
+        """StreamingDataset's local/remote/split. With a cache, the shards' folder is streaming's `remote` (a local
+        path: it copies each shard into `local` and decompresses it there), so the data folder is only read."""
+        if self.cache is None:
+            return {"local": self.local, "remote": self.remote, "split": self.split}
+        return {"local": self.cache, "remote": self.local, "split": self.split}
 
 
 def resolve_sources(data) -> list[SourceSpec]:
     """The recipe's sources: `data.sources` (each path relative to data.path), or data.path alone.
     Raises ValueError naming the key of a source that cannot be read."""
+    cache = data.local_cache
+    if cache is not None and (data.remote or any(s.remote for s in data.sources)):
+        raise ValueError("data.local_cache: a source with a remote is already downloaded and decompressed into its path; "
+                         "use local_cache only for shards on a local (or mounted) disk")
     if not data.sources:
-        specs = [SourceSpec("data", data.path, data.remote, data.split, 1.0)]
-    else:
-        specs = [SourceSpec(f"data.sources[{i}]", os.path.join(data.path, s.path), s.remote, s.split, s.weight)
+        specs = [SourceSpec("data", data.path, data.remote, data.split, 1.0, cache)]
+    else:  # one cache folder per source: streaming keeps one dataset per local folder
+        specs = [SourceSpec(f"data.sources[{i}]", os.path.join(data.path, s.path), s.remote, s.split, s.weight,
+                            None if cache is None else os.path.join(cache, f"source{i}"))
                  for i, s in enumerate(data.sources)]
     seen: dict[str, str] = {}
     for s in specs:
@@ -58,6 +73,8 @@ def resolve_sources(data) -> list[SourceSpec]:
         index = os.path.join(s.local, s.split or "", "index.json")
         if s.remote is None and not os.path.isfile(index):
             raise ValueError(f"{s.key}.path: {index} does not exist (MDS shards, or set {s.key}.remote to download them)")
+        if s.cache is not None and os.path.realpath(s.cache) == real:
+            raise ValueError(f"data.local_cache: {s.cache} is the shards' own folder ({s.key}.path); leave it unset for that")
     return specs
 
 
@@ -108,8 +125,8 @@ class PermutedBatches(IterableDataset):
             raise ValueError(f"train.global_batch {global_batch} is not divisible by the world size {world}")
         self.sources, self.seed, self.phase = sources, seed, phase_named(phase).short  # mask keys use the order's names, as replay does
         self.global_batch, self.rank, self.world, self.collate = global_batch, rank, world, collate
-        self.datasets = [FramedMDSDataset(local=s.local, remote=s.remote, split=s.split, shuffle=False,
-                                          batch_size=global_batch // world, seq_len=seq_len, tokens=tokens, force_sep=force_sep)
+        self.datasets = [FramedMDSDataset(**s.streaming_args(), shuffle=False, batch_size=global_batch // world,
+                                          seq_len=seq_len, tokens=tokens, force_sep=force_sep)
                          for s in sources]
         self.sizes = [int(d.num_samples) for d in self.datasets]
         for s, n in zip(sources, self.sizes):

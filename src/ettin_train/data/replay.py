@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ettin_train.data.mds import DataError, first_pad, frame
 from ettin_train.data.order import PHASES, OrderIndex
+from ettin_train.objectives.base import SpecialTokens
 
 
 def mask_key(phase: str, step: int, row: int) -> int:
@@ -24,12 +26,16 @@ def mask_key(phase: str, step: int, row: int) -> int:
 class ReplayBatches(IterableDataset):
     """Yields this rank's collated share of each step's batch, from `start_step` on, with a `step` field."""
 
-    def __init__(self, order_dir: str, phase: str, rank: int, world: int, seq_len: int, collate):
+    def __init__(self, order_dir: str, phase: str, rank: int, world: int, seq_len: int, collate,
+                 tokens: SpecialTokens | None = None, force_sep: bool = False, truncate: bool = False):
+        """`tokens`: the recipe's special tokens ([PAD] inside a row is refused; rows are cut with [SEP] when
+        `force_sep`); `truncate`: cut rows longer than `seq_len` (data.truncate_long_rows) instead of refusing them."""
         self.index = OrderIndex(order_dir)
         if phase not in self.index.phases:
             raise ValueError(f"data.order_phase: {order_dir} has no phase {phase!r} (it has {', '.join(self.index.phases)})")
         self.order_dir, self.phase, self.rank, self.world = order_dir, phase, rank, world
         self.seq_len, self.collate = seq_len, collate
+        self.tokens, self.force_sep, self.truncate = tokens, force_sep, truncate
         self.start_step = 1
         sizes = self.index.batch_sizes(phase)
         self.samples_before = np.concatenate(([0], np.cumsum(sizes)))  # global samples consumed before step k+1
@@ -51,14 +57,26 @@ class ReplayBatches(IterableDataset):
                              f"which {self.world} ranks cannot share equally")
         share = len(rows) // self.world
         first = self.rank * share
-        samples = []
+        samples, cut = [], []
         for row in range(first, first + share):
-            if len(rows[row]) > self.seq_len:
-                raise ValueError(f"{self.order_dir} phase {self.phase} step {step} row {row} has {len(rows[row])} tokens, "
-                                 f"more than data.seq_len {self.seq_len}")
-            samples.append({"input_ids": rows[row], "key": mask_key(self.phase, step, row)})
+            ids = rows[row]
+            pos = None if self.tokens is None else first_pad(ids, self.tokens)
+            if pos is not None:
+                shard, sample = self.index.locate(self.phase, step, row)
+                raise DataError(f"{shard} sample {sample} (order {self.order_dir} phase {self.phase} step {step} row {row}): "
+                                f"[PAD] id {self.tokens.pad} at position {pos} inside the row; the original's loader refuses "
+                                f"padding inside a sample, and the loss would score it")
+            if len(ids) > self.seq_len:
+                if not self.truncate:
+                    raise DataError(f"{self.order_dir} phase {self.phase} step {step} row {row} has {len(ids)} tokens, "
+                                    f"more than data.seq_len {self.seq_len}")
+                ids = frame(ids, self.seq_len, self.tokens, self.force_sep)  # the original's cut (data/mds.py)
+            cut.append(len(ids) < len(rows[row]))
+            samples.append({"input_ids": ids, "key": mask_key(self.phase, step, row)})
         batch = self.collate(samples)
         batch["step"] = torch.full((share,), step, dtype=torch.long)
+        if self.truncate:  # ledger.jsonl counts them (truncated_rows)
+            batch["truncated"] = torch.tensor(cut, dtype=torch.long)
         return batch
 
     # Composer's dataset-resumption protocol (as for StreamingDataset): no dataloader spinning.

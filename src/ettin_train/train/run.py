@@ -27,6 +27,7 @@ from ettin_train.checkpoint.phase_start import start_phase_from
 from ettin_train.config import Duration, Recipe
 from ettin_train.data.order import OrderError
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
+from ettin_train.data.mds import DataError
 from ettin_train.data.replay import ReplayBatches
 from ettin_train.live_export import CheckpointExporter
 from ettin_train.model import EttinModel
@@ -115,6 +116,8 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
         trainer.fit()
     except StopRun as e:
         sys.exit(f"error: {e}")
+    except DataError as e:  # a sample that cannot be trained on ([PAD] inside it): one line naming the shard and sample
+        sys.exit(f"error: {e.line()}")
     except RuntimeError as e:
         latest = save_folder / "latest-rank0.pt"
         lost = parallel.lost_process(e, dist.get_global_rank(), os.path.realpath(latest) if latest.exists() else None)
@@ -203,7 +206,8 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
     if recipe.data.order:
         order_phase = recipe.data.order_phase or phase_named(recipe.phase).short
         try:
-            dataset = ReplayBatches(recipe.data.order, order_phase, dist.get_global_rank(), world, recipe.data.seq_len, collate)
+            dataset = ReplayBatches(recipe.data.order, order_phase, dist.get_global_rank(), world, recipe.data.seq_len, collate,
+                                    tokens=tokens, force_sep=not objective.causal, truncate=recipe.data.truncate_long_rows)
         except (OrderError, ValueError, KeyError) as e:
             sys.exit(f"error: data.order: {e}")
         steps = dataset.index.steps(order_phase)

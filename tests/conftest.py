@@ -63,6 +63,20 @@ def tiny_recipe(data_dir: Path, run_dir: Path, objective: str = "mlm", **section
     return recipe
 
 
+def tiny_masked_lm(vocab_size: int = 64):
+    """A random transformers ModernBertForMaskedLM of 3 layers (local window 8), ids 0-3 = pad, cls, sep, mask."""
+    import torch
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                              num_attention_heads=2, local_attention=8, global_attn_every_n_layers=2,
+                              pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2,
+                              mask_token_id=3, max_position_embeddings=64, attn_implementation="sdpa",
+                              initializer_range=0.2)
+    return ModernBertForMaskedLM(config).eval()
+
+
 def free_port() -> int:
     """A port no one listens on now: fixed ports collide with other test runs on the same machine."""
     with socket.socket() as s:

@@ -77,6 +77,26 @@ def tiny_masked_lm(vocab_size: int = 64):
     return ModernBertForMaskedLM(config).eval()
 
 
+def wandb_offline_run(folder: Path):
+    """(the run record, the keys of its history) of the one offline wandb run under `folder`, read from its
+    .wandb file as `wandb sync` would send it."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    (path,) = folder.glob("**/offline-run-*/run-*.wandb")
+    store, run, keys = datastore.DataStore(), None, set()
+    store.open_for_scan(str(path))
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    return run, keys
+
+
 def free_port() -> int:
     """A port no one listens on now: fixed ports collide with other test runs on the same machine."""
     with socket.socket() as s:

@@ -13,7 +13,7 @@ import pytest
 
 from ettin_train.eval.cli import main as eval_main
 from ettin_train.export import main as export_main
-from tests.conftest import ROOT, run_train, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_train, tiny_recipe, wandb_offline_run, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,10 @@ def test_tasks_score_both_halves_on_the_same_items(runs, tiny_data, tmp_path):
 
     tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
     args = ["--tasks", "tiny_mc", "tiny_cloze", "--include-path", tasks, "--out", out]
-    assert ettin_eval(runs / "repo", runs / "repo_dec", "--tags", "step4", "ext2", "step2", *args) == 0
+    assert ettin_eval(runs / "repo", runs / "repo_dec", "--tags", "step4", "ext2", "step2", *args,
+                      "--wandb-project", "ettin-test", "--wandb-mode", "offline", "--wandb-group", "ettin-tiny") == 0
+    run, keys = wandb_offline_run(out)  # the table and the plot, in the training runs' group
+    assert run.run_group == "ettin-tiny" and {"eval/table", "eval/plot"} <= keys
     got = {(r["kind"], r["tag"], r["data"], r["metric"]): r for r in rows_list(out)}
     expect = {(k, t, d, m) for k, t in (("encoder", "step2"), ("encoder", "step4"), ("encoder", "ext2"), ("decoder", "step2"))
               for d, m in (("tiny_mc", "acc"), ("tiny_mc", "acc_norm"), ("tiny_cloze", "acc"))}

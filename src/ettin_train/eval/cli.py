@@ -55,6 +55,12 @@ def parse_args(argv):
     t.add_argument("--task-batch-size", type=int, default=16, help="sequences (decoders) or masked rows (encoders) per forward")
     t.add_argument("--probe", action="append", default=[],
                    help="JSON-lines file of {text, label, split: train|test}: a linear probe on mean-pooled embeddings")
+    w = p.add_argument_group("wandb (the table and the plot as one run)")
+    w.add_argument("--wandb-project", help="log the table and plot to this wandb project")
+    w.add_argument("--wandb-group", help="the run's group: the training runs' group puts it beside them (ettin-<size>)")
+    w.add_argument("--wandb-name", help="the run's name; default: ettin-eval <out folder name>")
+    w.add_argument("--wandb-mode", choices=["auto", "online", "offline"], default="auto",
+                   help="auto: online when WANDB_API_KEY is set, else offline")
     return p.parse_args(argv)
 
 
@@ -250,6 +256,25 @@ def downstream_all(args, points, table: Table, workdir: Path) -> None:
                 table.add_scores(base, probe_name(f), {"accuracy": result["accuracy"]}, result["items"])
 
 
+def log_wandb(args, table: Table) -> None:
+    """The table (a wandb.Table of every row) and eval.png as one wandb run; its config holds the settings, the
+    phase starts, the sources and the resolved recipe of each run folder among them."""
+    import wandb
+
+    mode = args.wandb_mode if args.wandb_mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    recipes = {s: yaml.safe_load((Path(s) / "recipe.yaml").read_text()) for s in args.sources if (Path(s) / "recipe.yaml").is_file()}
+    run = wandb.init(project=args.wandb_project, group=args.wandb_group, name=args.wandb_name or f"{PROG} {Path(args.out).name}",
+                     job_type="eval", mode=mode, dir=str(table.out),
+                     config={"settings": table.settings, "phases": table.phases, "sources": args.sources, "recipes": recipes})
+    from ettin_train.eval.table import COLUMNS
+
+    logged = {"eval/table": wandb.Table(columns=COLUMNS, data=[[r.get(c) for c in COLUMNS] for r in table.rows])}
+    if table.png.exists():
+        logged["eval/plot"] = wandb.Image(str(table.png))
+    run.log(logged)
+    run.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -258,4 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print_table(table.out)
+    if args.wandb_project:
+        log_wandb(args, table)
     return 0

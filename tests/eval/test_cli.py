@@ -171,7 +171,7 @@ def test_tasks_score_both_halves_on_the_same_items(runs, tiny_data, tmp_path):
     assert ettin_eval(runs / "repo", runs / "repo_dec", "--tags", "step4", "ext2", "step2", *args,
                       "--wandb-project", "ettin-test", "--wandb-mode", "offline", "--wandb-group", "ettin-tiny") == 0
     run, keys = wandb_offline_run(out)  # the table and the plot, in the training runs' group
-    assert run.run_group == "ettin-tiny" and {"eval/table", "eval/plot"} <= keys
+    assert run.run_group == "ettin-tiny" and {"eval/table/_type", "eval/plot/_type"} <= keys
     got = {(r["kind"], r["tag"], r["data"], r["metric"]): r for r in rows_list(out)}
     expect = {(k, t, d, m) for k, t in (("encoder", "step2"), ("encoder", "step4"), ("encoder", "ext2"), ("decoder", "step2"))
               for d, m in (("tiny_mc", "acc"), ("tiny_mc", "acc_norm"), ("tiny_cloze", "acc"))}

@@ -17,13 +17,13 @@ $(UV_BOOT)/bin/uv:
 # Reinstalled only when the package definition or the lock changes; the venv itself is reused.
 # --locked refuses a uv.lock that no longer matches pyproject.toml (run `make lock`).
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --python $(PYTHON)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --extra eval --python $(PYTHON)
 	touch $(STAMP)
 
 # After editing dependencies: re-resolve, and write the same set for plain pip (docs/install.md).
 lock: | $(UV)
 	$(UV) lock --python $(PYTHON)
-	$(UV) export --frozen --extra dev --no-emit-project --no-header -o requirements.lock > /dev/null
+	$(UV) export --frozen --extra dev --extra eval --no-emit-project --no-header -o requirements.lock > /dev/null
 
 demo: setup
 	$(PY) data_tools/demo.py

@@ -12,7 +12,8 @@
 5. Use: the final decay tag of each repository is cloned and loaded with transformers' AutoModelForMaskedLM /
    AutoModelForCausalLM and AutoTokenizer from that folder alone; fill-mask and generation are printed.
 6. Evaluation: `ettin-eval` over every tag of both repositories on held-out docstrings prints its table and
-   writes a plot of each metric against tokens seen (demo_runs/eval/eval.png).
+   writes a plot of each metric against tokens seen (demo_runs/eval/eval.png); then one downstream task (a
+   four-item multiple-choice file the demo writes) is scored for both models across their tags.
 
     python data_tools/demo.py            # everything (measured time in the README)
     python data_tools/demo.py --samples  # only steps 4 to 6, from existing runs
@@ -146,6 +147,26 @@ def evaluate(repos: dict[str, Path]) -> None:
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
 
 
+# A four-item multiple-choice task on docstring phrases: cheap, and the same items for both models.
+DEMO_TASK = [("Return the number of", ["items in the list.", "green ideas sleep furiously."], 0),
+             ("Raise ValueError if the", ["purple banana sings.", "value is not found."], 1),
+             ("This module provides", ["functions for working with files.", "the the the the."], 0),
+             ("Open the file and", ["sky of the of.", "read its lines."], 1)]
+
+
+def downstream(repos: dict[str, Path]) -> None:
+    """One downstream task, in lm-eval's custom-task format, scored for every tag of both models (the decoder
+    through lm-eval's HFLM, the encoder by pseudo-log-likelihood), added to the table and plot of demo_runs/eval."""
+    from ettin_train.eval.harness import write_choice_task
+
+    write_choice_task(OUT / "tasks", "demo_docstrings", DEMO_TASK)
+    cmd = [sys.executable, "-m", "ettin_train.eval", *(str(r) for r in repos.values()), "--tasks", "demo_docstrings",
+           "--include-path", str(OUT / "tasks"), "--out", str(OUT / "eval")]
+    print("\n=== a downstream task for both models, every tag: ettin-eval demo_runs/hf/encoder demo_runs/hf/decoder "
+          "--tasks demo_docstrings --include-path demo_runs/tasks --out demo_runs/eval", flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", action="store_true", help="only export and print samples from the existing runs")
@@ -162,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     repos = export_all()
     samples(repos)
     evaluate(repos)
+    downstream(repos)
     print(f"\ndemo finished in {time.time() - start:.0f}s; runs, checkpoints, recipe copies and the exported "
           f"repositories are in {OUT}/")
 

@@ -63,6 +63,40 @@ def tiny_recipe(data_dir: Path, run_dir: Path, objective: str = "mlm", **section
     return recipe
 
 
+def tiny_masked_lm(vocab_size: int = 64):
+    """A random transformers ModernBertForMaskedLM of 3 layers (local window 8), ids 0-3 = pad, cls, sep, mask."""
+    import torch
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                              num_attention_heads=2, local_attention=8, global_attn_every_n_layers=2,
+                              pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2,
+                              mask_token_id=3, max_position_embeddings=64, attn_implementation="sdpa",
+                              initializer_range=0.2)
+    return ModernBertForMaskedLM(config).eval()
+
+
+def wandb_offline_run(folder: Path):
+    """(the run record, the keys of its history) of the one offline wandb run under `folder`, read from its
+    .wandb file as `wandb sync` would send it."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    (path,) = folder.glob("**/offline-run-*/run-*.wandb")
+    store, run, keys = datastore.DataStore(), None, set()
+    store.open_for_scan(str(path))
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    return run, keys
+
+
 def free_port() -> int:
     """A port no one listens on now: fixed ports collide with other test runs on the same machine."""
     with socket.socket() as s:

@@ -302,14 +302,37 @@ def stage(ex: Export, folder: Path, log: Callable[[str], None] = print) -> tuple
     return digest, diff
 
 
+def card_license(source: Path) -> str:
+    """`export.license` of the run's recipe.yaml (RUN/checkpoints/CKPT -> RUN/recipe.yaml), else the schema's default."""
+    import yaml
+
+    from ettin_train.config.schema import ExportConfig
+
+    for recipe in (source.parent / "recipe.yaml", source.parent.parent / "recipe.yaml"):
+        if recipe.is_file():
+            return str(((yaml.safe_load(recipe.read_text()) or {}).get("export") or {}).get("license") or ExportConfig.license)
+    return ExportConfig.license
+
+
+def card_header(ex: Export) -> list[str]:
+    """The YAML header the Hub reads from a model card: library, pipeline (the widget), license, tags."""
+    causal = ex.model.config.causal
+    tags = ["ettin", "modernbert", "decoder" if causal else "encoder", ex.objective, f"phase-{ex.phase}"]
+    return ["---", "library_name: transformers", f"pipeline_tag: {'text-generation' if causal else 'fill-mask'}",
+            f"license: {card_license(ex.source)}", "tags:", *(f"- {t}" for t in tags), "---", ""]
+
+
 def model_card(ex: Export, digest: str, diff: float, split: bool) -> str:
     cfg = ex.model.config
     kind = "ModernBertDecoderForCausalLM" if cfg.causal else "ModernBertForMaskedLM"
     lines = [
+        *card_header(ex),
         f"# {ex.tag}", "",
         f"Ettin {'decoder' if cfg.causal else 'encoder'} ({ex.objective}), phase `{ex.phase}`, batch {ex.step} of the phase, "
         f"{ex.tokens:,} tokens seen in the phase. Exported from `{ex.source.name}` by `{PROG}`.", "",
-        f"```python\nfrom transformers import {kind}\nmodel = {kind}.from_pretrained(REPO, revision=\"{ex.tag}\")\n```", "",
+        f"```python\nfrom transformers import {kind}\nmodel = {kind}.from_pretrained(REPO, revision=\"{ex.tag}\")  # REPO on the Hub\n"
+        f"# a local clone: from_pretrained ignores revision there; load the tag with\n"
+        f"from ettin_train.checkpoint.tags import load_tag\nmodel, tokenizer = load_tag(LOCAL_REPO, \"{ex.tag}\")\n```", "",
         f"RoPE theta {cfg.rope_theta_global:g} (global layers) / {cfg.local_theta:g} (local layers), local window "
         f"{cfg.sliding_window}, a global layer every {cfg.global_attn_every_n_layers}.", "",
         f"Verified at export: transformers' `{kind}` loaded from this folder runs the settings the checkpoint records "

@@ -26,7 +26,8 @@ TAGS = ["decay2", "ext1", "ext2", "step2", "step4"]
 
 def _train(data: Path, root: Path, objective: str) -> list[Path]:
     """Three tiny phases; returns the run folders. The decoder's decay splits the thetas (local 10k, global 160k)."""
-    pre = tiny_recipe(data, root / "pre", objective, train={"max_duration": "4ba"}, checkpoint={"interval": "2ba"})
+    pre = tiny_recipe(data, root / "pre", objective, train={"max_duration": "4ba"}, checkpoint={"interval": "2ba"},
+                      export={"license": "apache-2.0"})  # the model card's license (the later phases keep the default)
     run_train(str(write_recipe(root / "pre.yaml", pre)))
     later = dict(data={"path": str(data / "long"), "seq_len": 128},
                  scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5})
@@ -215,3 +216,31 @@ def test_a_verification_failure_commits_nothing(exported, tmp_path, monkeypatch,
     monkeypatch.setattr(export, "max_logit_diff", lambda *a: 0.5)  # as a wrong conversion would
     assert export_main([str(tmp_path / "ep0-ba8-rank0.pt"), "--out", str(repo_copy)]) == 1
     assert "step8" in capsys.readouterr().err and state_of(repo_copy) == before
+
+
+def test_model_cards_have_the_hub_header_and_a_tag_loads_its_own_weights(exported, tmp_path):
+    """The README's YAML header (what the Hub reads); load_tag gives the tag's weights, where
+    from_pretrained(local_repo, revision=tag) silently gives main's."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from ettin_train.checkpoint.tags import load_tag
+
+    _, repo = exported("mlm")
+    for tag, license in (("step2", "apache-2.0"), ("ext1", "mit")):
+        card = git(repo, "show", f"{tag}:README.md")
+        assert card.startswith("---\n")
+        header = yaml.safe_load(card.split("---\n")[1])
+        assert header == {"library_name": "transformers", "pipeline_tag": "fill-mask", "license": license,
+                          "tags": ["ettin", "modernbert", "encoder", "mlm", "phase-pretrain" if tag == "step2" else "phase-extension"]}
+
+    step2 = load_file(checkout(repo, "step2", tmp_path / "step2") / "model.safetensors")
+    model, tokenizer = load_tag(repo, "step2", dtype=torch.float32)
+    assert type(model).__name__ == "ModernBertForMaskedLM" and tokenizer is not None
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in step2.items())
+    main = ModernBertForMaskedLM.from_pretrained(str(repo), revision="step2", dtype=torch.float32).state_dict()
+    key = "model.embeddings.tok_embeddings.weight"
+    assert not torch.equal(main[key], step2[key])  # the pitfall load_tag avoids: main (decay2), not step2
+    with pytest.raises(ValueError, match="no tag step99"):
+        load_tag(repo, "step99")

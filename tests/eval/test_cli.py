@@ -13,7 +13,7 @@ import pytest
 
 from ettin_train.eval.cli import main as eval_main
 from ettin_train.export import main as export_main
-from tests.conftest import ROOT, run_train, tiny_recipe, write_recipe
+from tests.conftest import ROOT, run_train, tiny_recipe, wandb_offline_run, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,9 @@ def runs(tiny_data, tmp_path_factory):
                       scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5},
                       train={"max_duration": "2ba"}, checkpoint={"interval": "1ba"}, init={"checkpoint": str(root / "pre")})
     run_train(str(write_recipe(root / "ext.yaml", ext)))
-    dec = tiny_recipe(tiny_data, root / "dec", "clm", train={"max_duration": "2ba"}, checkpoint={"interval": "1ba"})
+    dec = tiny_recipe(tiny_data, root / "dec", "clm", train={"max_duration": "2ba"}, checkpoint={"interval": "1ba"},
+                      eval={"sources": [str(tiny_data / "heldout_short")], "interval": "2ba", "batches": 1, "batch_size": 4,
+                            "seq_len": 64})
     run_train(str(write_recipe(root / "dec.yaml", dec)))
     mntp = tiny_recipe(tiny_data, root / "mntp", "mntp", train={"max_duration": "1ba"}, checkpoint={"interval": "1ba"},
                        init={"checkpoint": str(root / "dec"), "load": "model"})
@@ -37,6 +39,7 @@ def runs(tiny_data, tmp_path_factory):
     repo = root / "repo"
     for run in ("pre", "ext"):
         assert export_main([str(root / run), "--out", str(repo)]) == 0
+    assert export_main([str(root / "dec"), "--out", str(root / "repo_dec")]) == 0
     return root
 
 
@@ -110,3 +113,94 @@ def test_bad_input_stops_with_one_error_and_writes_nothing(runs, tiny_data, tmp_
                       "--batch-size", "4", "--seed", "7"]) == 2
     assert "was made with" in capsys.readouterr().err
     assert (out / "eval.json").read_text() == before
+
+
+def test_without_data_a_run_folder_is_evaluated_on_its_own_eval_sources(runs, tmp_path):
+    out = tmp_path / "out"
+    assert ettin_eval(runs / "dec", "--out", out) == 0
+    assert {(r["tag"], r["data"]) for r in rows_list(out)} == {("step1", "heldout_short"), ("step2", "heldout_short")}
+
+
+def rows_list(out: Path) -> list[dict]:
+    return json.loads((out / "eval.json").read_text())["rows"]
+
+
+QUESTIONS = [("Return the number of", ["items in the list.", "green ideas sleep."], 0),
+             ("Raise ValueError if the", ["purple is a banana.", "value is not found."], 1),
+             ("This module provides", ["functions for files.", "the the the the."], 0),
+             ("Open the file and", ["sky the of.", "read its lines."], 1)]
+
+
+METRIC = "  - metric: {}\n    aggregation: mean\n    higher_is_better: true\n"
+
+
+def write_tasks(folder: Path) -> Path:
+    """A multiple-choice task and a cloze task in lm-eval's custom-task format: JSON lines and a task YAML."""
+    folder.mkdir()
+    with (folder / "mc.jsonl").open("w") as f:
+        for q, choices, label in QUESTIONS:
+            f.write(json.dumps({"question": q, "choices": choices, "label": label}) + "\n")
+    (folder / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n" + METRIC.format("acc") + METRIC.format("acc_norm"))
+    with (folder / "cloze.jsonl").open("w") as f:
+        for q, choices, label in QUESTIONS:
+            f.write(json.dumps({"text": q, "word": choices[label]}) + "\n")
+    (folder / "tiny_cloze.yaml").write_text(
+        f"task: tiny_cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'cloze.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{text}}'\ndoc_to_target: ' {{word}}'\n"
+        "metric_list:\n" + METRIC.format("acc"))
+    (folder / "tiny_gen.yaml").write_text(
+        f"task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'cloze.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{text}}'\ndoc_to_target: ' {{word}}'\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return folder
+
+
+def test_tasks_score_both_halves_on_the_same_items(runs, tiny_data, tmp_path):
+    """Every tag of the encoder and of the decoder gets the tasks' metrics (encoder: pseudo-log-likelihood),
+    on the same items; the encoder's accuracy is the one worked out from the scorer's reference loop."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from ettin_train.checkpoint.tags import checkout_tag
+    from ettin_train.eval.pll import encode_pair, score_loop
+
+    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    args = ["--tasks", "tiny_mc", "tiny_cloze", "--include-path", tasks, "--out", out]
+    assert ettin_eval(runs / "repo", runs / "repo_dec", "--tags", "step4", "ext2", "step2", *args,
+                      "--wandb-project", "ettin-test", "--wandb-mode", "offline", "--wandb-group", "ettin-tiny") == 0
+    run, keys = wandb_offline_run(out)  # the table and the plot, in the training runs' group
+    assert run.run_group == "ettin-tiny" and {"eval/table/_type", "eval/plot/_type"} <= keys
+    got = {(r["kind"], r["tag"], r["data"], r["metric"]): r for r in rows_list(out)}
+    expect = {(k, t, d, m) for k, t in (("encoder", "step2"), ("encoder", "step4"), ("encoder", "ext2"), ("decoder", "step2"))
+              for d, m in (("tiny_mc", "acc"), ("tiny_mc", "acc_norm"), ("tiny_cloze", "acc"))}
+    assert set(got) == expect
+    assert {r["items"] for r in got.values()} == {len(QUESTIONS)}
+    assert all(0 <= r["score"] <= 1 and r["tokens"] for r in got.values())
+
+    folder = checkout_tag(runs / "repo", "ext2", tmp_path / "ext2")
+    model, tok = AutoModelForMaskedLM.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+    right = 0
+    for q, choices, label in QUESTIONS:  # lm-eval puts its target_delimiter " " between question and choice
+        plls = score_loop(model, [encode_pair(tok, q + " ", c, 512) for c in choices], tok.mask_token_id)
+        right += max(range(len(choices)), key=lambda i: plls[i]) == label
+    assert got[("encoder", "ext2", "tiny_mc", "acc")]["score"] == pytest.approx(right / len(QUESTIONS))
+
+    image = matplotlib.image.imread(out / "eval.png")
+    assert image.shape[1] > 1200  # three panels: tiny_cloze acc, tiny_mc acc, tiny_mc acc_norm
+    before = (out / "eval.json").read_text()
+    assert ettin_eval(runs / "repo", runs / "repo_dec", "--tags", "step4", "ext2", "step2", *args) == 0
+    assert (out / "eval.json").read_text() == before  # nothing new to score
+
+
+def test_bad_tasks_stop_before_anything_is_written(runs, tmp_path, capsys):
+    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    assert ettin_eval(runs / "repo_dec", "--tasks", "no_such_task", "--include-path", tasks, "--out", out) == 2
+    assert "--tasks no_such_task: no such task in" in capsys.readouterr().err and not out.exists()
+    assert ettin_eval(runs / "repo", "--tasks", "tiny_gen", "--include-path", tasks, "--out", out) == 2
+    assert "task tiny_gen is generate_until: an encoder cannot generate" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "probe.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n')
+    assert ettin_eval(runs / "repo", "--probe", bad, "--out", out) == 2
+    assert "probe.jsonl:1: not a JSON object" in capsys.readouterr().err and not out.exists()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
-from tests.conftest import composer_launcher, run_train, tiny_recipe, write_recipe
+from tests.conftest import composer_launcher, run_train, tiny_recipe, wandb_offline_run, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -85,13 +87,19 @@ def test_three_phases_each_start_from_the_previous_with_their_own_lr_and_clock(t
         optimizer={"lr": 3e-3, "betas": [0.9, 0.95]},
         scheduler={"name": "one_minus_sqrt", "warmup": "0ba", "decay": None, "alpha_f": 0.5},
         init={"checkpoint": str(tmp_path / "pre"), "load": "model+optimizer"},
-        logging={"console_interval": 2, "wandb": {"project": "ettin-test", "mode": "offline"}},
+        logging={"console_interval": 2, "wandb": {"project": "ettin-test", "mode": "offline", "tags": ["tiny"]}},
+        eval={"sources": [str(tiny_data / "heldout_short")], "interval": "2ba", "batches": 1, "batch_size": 4, "seq_len": 64},
     )
     ext = run_train(str(write_recipe(tmp_path / "ext.yaml", ext_recipe)))
     assert "model weights and optimizer moments from" in ext.stdout and "(its step 12)" in ext.stdout
     _check_phase_start(tmp_path / "pre", tmp_path / "ext", lr=3e-3, alpha_f=0.5, steps=4, prev_adam_steps=12)
-    # the recipe's wandb logger ran (offline: no key, no network), inside the run folder
-    assert list((tmp_path / "ext" / "wandb").glob("offline-run-*/files"))
+    # the recipe's wandb logger ran (offline: no key, no network), inside the run folder, with the resolved recipe
+    # as its config, the held-out eval in its history, and the group a pair shares
+    run, keys = wandb_offline_run(tmp_path / "ext")
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["model"] == yaml.safe_load((tmp_path / "ext" / "recipe.yaml").read_text())["model"] and config["phase"] == "extension"
+    assert (run.run_group, run.display_name, list(run.tags)) == ("test-mlm", "test-mlm", ["tiny"])
+    assert {"eval/heldout_short/loss", "eval/heldout_short/accuracy"} <= keys
 
     decay_recipe = tiny_recipe(
         tiny_data, tmp_path / "decay", phase="decay", **(later | {"data": later["data"] | {"mask_rate": 0.15}}),

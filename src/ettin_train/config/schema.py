@@ -151,6 +151,8 @@ class ExportConfig:
     repo: Optional[str] = None
     # false: export only the run's final checkpoint.
     every_checkpoint: bool = True
+    # The license the exported model card declares to the Hub (a Hub license id; the Ettin models are MIT).
+    license: str = "mit"
 
 
 @dataclass
@@ -159,6 +161,12 @@ class WandbConfig:
     entity: Optional[str] = None
     # auto: online when WANDB_API_KEY is set, else offline (synced later with `wandb sync`).
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # The run's group; null: "ettin-<model.size>" (or run_name without a size), so a pair's encoder and decoder,
+    # all their phases, share one group. ettin-eval --wandb-group puts the downstream table beside them.
+    group: Optional[str] = None
+    # The run's name in wandb; null: run_name.
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -35,6 +35,8 @@ class Point:
     objective: str | None  # None until loaded when the listing cannot say (Hub revisions of other exporters)
     # -> (EttinModel, objective, tokenizer: a folder or Hub name, a loaded tokenizer, or None)
     load: Callable[[], tuple[object, str, object]] = field(repr=False)
+    # (an empty folder) -> the transformers folder of the point (downstream tasks load it with its HF class)
+    hf_folder: Callable[[Path], Path] | None = field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
@@ -87,9 +89,24 @@ def _run_points(folder: Path, trust_pickles: bool = False) -> list[Point]:
                 raise SourceError(str(e)) from None
             return ex.model, ex.objective, ex.settings.tokenizer
 
+        def hf_folder(dest: Path, f=f) -> Path:
+            return _write_hf_folder(read_export(f, ExportFlags(trust_pickles=trust_pickles), log=lambda line: None), dest)
+
         points.append(Point(str(folder), phase_named(meta["phase"]).tag_of(step), meta["phase"], step, tokens,
-                            meta["objective"], load))
+                            meta["objective"], load, hf_folder))
     return points
+
+
+def _write_hf_folder(ex, dest: Path) -> Path:
+    """A run folder's checkpoint as the transformers folder its export would hold (unverified, not committed)."""
+    from ettin_train.checkpoint.hf import to_hf
+    from ettin_train.export import load_tokenizer, token_ids
+
+    tokenizer = load_tokenizer(ex.settings.tokenizer, log=lambda line: None)
+    to_hf(ex.model, **token_ids(tokenizer), ettin_objective=ex.objective).save_pretrained(dest)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+    return dest
 
 
 # ---------------------------------------------------------------- export repositories and the Hub
@@ -111,6 +128,7 @@ def _from_hf_folder(folder: Path):
 
 
 def _repo_points(repo: Path, workdir: Path) -> list[Point]:
+    from ettin_train.checkpoint.tags import checkout_tag
     from ettin_train.export import MANIFEST
 
     listed = subprocess.run(["git", "-C", str(repo), "tag", "--list"], capture_output=True, text=True)
@@ -125,9 +143,7 @@ def _repo_points(repo: Path, workdir: Path) -> list[Point]:
             raise SourceError(f"{repo}: tag {tag} is not in {MANIFEST} (not written by ettin-export)")
 
         def load(tag=tag):
-            dest = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir))
-            archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", tag], capture_output=True, check=True)
-            subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+            dest = checkout_tag(repo, tag, tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir))
             try:
                 return _from_hf_folder(dest)  # the weights are in memory now, and the tokenizer loaded (cli.run)
             finally:
@@ -135,7 +151,8 @@ def _repo_points(repo: Path, workdir: Path) -> list[Point]:
 
         config = subprocess.run(["git", "-C", str(repo), "show", f"{tag}:config.json"], capture_output=True, text=True)
         objective = json.loads(config.stdout).get("ettin_objective") if config.returncode == 0 else None
-        points.append(Point(str(repo), tag, entry["phase"], entry["step"], entry["tokens"], objective, load))
+        points.append(Point(str(repo), tag, entry["phase"], entry["step"], entry["tokens"], objective, load,
+                            lambda dest, tag=tag: checkout_tag(repo, tag, dest)))
     return points
 
 
@@ -156,7 +173,8 @@ def _hub_points(name: str) -> list[Point]:
 
         phase = config.get("ettin_phase", PHASES[_phase_of_tag(rev)])
         points.append(Point(name, rev, phase, config.get("ettin_step", _step_of_tag(rev)), config.get("ettin_tokens"),
-                            config.get("ettin_objective", "clm" if causal else "mlm"), load))
+                            config.get("ettin_objective", "clm" if causal else "mlm"), load,
+                            lambda dest, rev=rev: Path(snapshot_download(repo, revision=rev))))
     return sorted(points, key=lambda p: (PHASES.index(p.phase), p.step, p.tag))
 
 

@@ -267,7 +267,10 @@ def _loggers(recipe: Recipe, run_dir: Path) -> list:
         return []
     mode = wandb.mode if wandb.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     os.environ["WANDB_MODE"] = mode
-    return [MetricsOnlyWandB(project=wandb.project, entity=wandb.entity, init_kwargs={"dir": str(run_dir)})]
+    group = wandb.group or (f"ettin-{recipe.model.size}" if recipe.model.size else recipe.run_name)
+    # the full resolved recipe is the run's config (Composer adds its own hyperparameters beside it)
+    return [MetricsOnlyWandB(project=wandb.project, entity=wandb.entity, group=group, name=wandb.name or recipe.run_name,
+                             tags=list(wandb.tags) or None, init_kwargs={"dir": str(run_dir), "config": recipe_to_dict(recipe)})]
 
 
 def _start_block(recipe: Recipe, trainer: Trainer, full_resume: bool, notes: list[str]) -> str:

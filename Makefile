@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ettin-installed
 UV_BOOT := .tools/uv
 UV     ?= $(shell command -v uv 2>/dev/null || echo $(UV_BOOT)/bin/uv)
 
-.PHONY: setup demo test lock clean-demo
+.PHONY: setup demo test test-fast lock clean-demo
 
 setup: $(STAMP)
 
@@ -28,8 +28,17 @@ lock: | $(UV)
 demo: setup
 	$(PY) data_tools/demo.py
 
+# Both cores: one pytest-xdist worker each, a test file per worker at a time (its module-scoped runs are made
+# once); the 15 slowest tests are printed at the end (pyproject.toml). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	$(PYTEST) tests
+
+# The inner loop: everything but the tests marked slow (real training runs).
+test-fast: setup
+	$(PYTEST) -m "not slow" tests
 
 clean-demo:
 	rm -rf demo_runs

@@ -47,7 +47,7 @@ def prepare_data() -> None:
         print(f"demo data: reusing {data}")
         return
     t = time.time()
-    counts = build_demo_data(str(data), max_chars=1_250_000, vocab_size=4096, seq_lens={"short": 128, "long": 512},
+    counts = build_demo_data(str(data), max_chars=1_250_000, vocab_size=1024, seq_lens={"short": 128, "long": 512},
                              heldout_chars=200_000)  # of the stdlib's ~1.5M characters; heldout_*: the recipes' eval.sources
     print(f"demo data: tokenizer and MDS shards in {data} ({counts['short']} + {counts['long']} samples, {time.time() - t:.0f}s)")
 
@@ -145,6 +145,31 @@ def evaluate(repos: dict[str, Path]) -> None:
     print(f"\n=== evaluate every tag: ettin-eval {' '.join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])}",
           flush=True)
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
+    baseline(OUT / "eval" / "eval.json")
+
+
+def baseline(table: Path) -> None:
+    """The encoder's final held-out masked accuracy beside the most-frequent-token baseline: the accuracy of
+    always answering the token most frequent among the very positions ettin-eval scored (same rows and masks)."""
+    import json
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from ettin_train.eval.data import EvalSettings, HeldOut
+    from ettin_train.objectives import SpecialTokens, get_objective
+
+    saved = json.loads(table.read_text())
+    final = [r for r in saved["rows"] if r["kind"] == "encoder"][-1]  # sorted by tokens seen
+    tok = AutoTokenizer.from_pretrained(str(OUT / "data" / "tokenizer"))
+    held = HeldOut(str(OUT / "data" / "heldout_short"), get_objective("mlm"), SpecialTokens.from_tokenizer(tok),
+                   EvalSettings(**saved["settings"]["eval"]))
+    counts = Counter()
+    for batch in held.batches():
+        counts.update(batch["labels"][batch["labels"] != -100].tolist())
+    token, n = counts.most_common(1)[0]
+    print(f"\nencoder held-out masked accuracy: {final['accuracy']:.3f} at {final['tag']}, against {n / sum(counts.values()):.3f} "
+          f"for always answering the most frequent token ({tok.decode([token])!r}) on the same {sum(counts.values())} masked positions")
 
 
 # A four-item multiple-choice task on docstring phrases: cheap, and the same items for both models.

@@ -118,11 +118,13 @@ def _streaming_leftovers(tmpdir: Path) -> set[str]:
 def test_a_killed_run_leaves_no_workers_and_the_next_run_removes_its_shared_memory(tiny_data, tmp_path, runner):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_data, tmp_path / "run", data={"num_workers": 2},
                                                            train={"max_duration": "6ba"}))
+    # Forks of tests/train/fork_runner.py other than this attempt's: every fork server of this and other test
+    # sessions (conftest.run_train has one) and their attempts, whose parent is a live fork server.
+    forks = lambda: {p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith("tests/train/fork_runner.py")}  # noqa: E731
+    before = forks()
     result, log = runner.run(recipe, fault="backward@3")
     assert result["signal"] == 9, log
-    runner_pid = str(runner.proc.pid)
-    orphans = lambda: [p for p in os.listdir("/proc") if p.isdigit() and p != runner_pid  # noqa: E731
-                       and _cmdline(p).endswith("tests/train/fork_runner.py")]
+    orphans = lambda: [p for p in forks() - before - {str(runner.proc.pid)} if _ppid(p) not in forks()]  # noqa: E731
     deadline = time.monotonic() + 30
     while orphans() and time.monotonic() < deadline:  # loader workers notice their parent's death and exit
         time.sleep(0.5)
@@ -139,6 +141,13 @@ def test_a_killed_run_leaves_no_workers_and_the_next_run_removes_its_shared_memo
     # The next run's start removed the killed run's leftovers, and its own end removed its lock files.
     assert not any(p.exists() for p in left) and not _streaming_leftovers(runner.tmpdir)
     assert not list(runner.tmpdir.glob("*filelock"))
+
+
+def _ppid(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return ""
 
 
 def _cmdline(pid: str) -> str:

@@ -76,6 +76,8 @@ def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dic
     tok = train_tokenizer([text for _, text in docs], vocab_size, str(Path(out_dir) / "tokenizer"))
 
     def encode(part):
+        if not part:  # no held-out documents asked for: the tokenizer cannot encode an empty batch
+            return []
         return [(doc_id, ids) for (doc_id, _), ids in
                 zip(part, tok([text for _, text in part], add_special_tokens=False, verbose=False)["input_ids"])]
 

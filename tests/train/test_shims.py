@@ -27,7 +27,8 @@ def test_torchrun_group_rank_becomes_composers_node_rank(monkeypatch):
 
     from ettin_train.train.shims import adopt_torchrun_env
 
-    monkeypatch.delenv("NODE_RANK", raising=False)
+    monkeypatch.setenv("NODE_RANK", "0")  # recorded as it was (unset), so the shim's NODE_RANK=3 is undone after the test:
+    monkeypatch.delenv("NODE_RANK")  # a leaked NODE_RANK makes Composer expect a launcher in every later run of this process
     monkeypatch.setenv("GROUP_RANK", "3")
     assert dist.get_node_rank() == 0  # Composer's reading without the shim: every node would be node 0
     adopt_torchrun_env()

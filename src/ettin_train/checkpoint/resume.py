@@ -23,8 +23,9 @@ from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.checkpoint.sharded import load_sharded
 
-# What Composer 0.32.1's load_path downloads: its object stores by URI, and plain HTTP(S) (a Hub file's resolve URL).
-REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "http", "https")
+# What Composer 0.32.1's load_path downloads: its object stores by URI. Not http(s): its Trainer has no backend for
+# them (NotImplementedError deep in the load), so they are refused here in one line; a Hub file is hf://.
+REMOTE_SCHEMES = ("s3", "gs", "oci", "azure")
 
 
 def hub_file(uri: str) -> dict:

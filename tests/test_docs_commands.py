@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Tools that are not ours: their commands are the user's system's (git, pip, venv, Slurm's sbatch runs our script).
-OUTSIDE = {"git", "pip", "python3", "cd", "export", "uv", "nvidia-smi", "ls"}
+OUTSIDE = {"git", "pip", "python3", "cd", "export", "uv", "nvidia-smi", "ls", "mkdir"}
 LAUNCHERS = {"composer", "torchrun"}
 PLACEHOLDER_RECIPE = "yamls/demo/encoder/pretrain.yaml"
 SCRIPTS = {name: module.split(":")[0] for name, module in

@@ -157,7 +157,7 @@ def check_remote(remote: str, split: str | None, key: str) -> None:
 
     from streaming.base.storage.download import CloudDownloader
 
-    url = "/".join(p.strip("/") for p in (remote, split or "", "index.json") if p)
+    url = "/".join([remote.rstrip("/"), *(p.strip("/") for p in (split or "", "index.json") if p)])  # /abs stays absolute
     with tempfile.TemporaryDirectory(prefix="ettin-remote-") as tmp:
         try:
             CloudDownloader.direct_download(url, os.path.join(tmp, "index.json"), timeout=60)

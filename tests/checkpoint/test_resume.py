@@ -191,7 +191,8 @@ def test_a_failed_export_during_training_is_loud_and_training_goes_on(tiny_data,
     git("init", "-q")
     git("symbolic-ref", "HEAD", "refs/heads/main")
     (repo / "model.safetensors").write_bytes(b"other weights")
-    git("add", "model.safetensors")
+    (repo / "ettin_export.json").write_text("{}\n")  # an export repository (another one is refused whole, test_other_runs)
+    git("add", "model.safetensors", "ettin_export.json")
     git("commit", "-q", "-m", "someone else's step2")
     git("tag", "step2")
     recipe = tiny_recipe(tiny_data, tmp_path / "run", train={"max_duration": "4ba"}, checkpoint={"interval": "2ba"},

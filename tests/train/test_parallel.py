@@ -152,10 +152,12 @@ def test_torchrun_launches_train_py_on_two_processes(tiny_data, tmp_path):
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 
 
-def test_slurm_script_parses_and_checks_the_recipe_before_launching(tmp_path):
+def test_slurm_script_parses_and_checks_the_recipe_before_launching(tiny_data, tmp_path):
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
     env = dict(os.environ, ETTIN_PLAN_ONLY="1", PYTHON=sys.executable)
-    ok = subprocess.run(["bash", str(SBATCH), "yamls/demo/encoder/pretrain.yaml", "parallel.strategy=full_shard"],
+    # its --plan checks what the recipe points at, as a start does: the demo's data is built by make demo, so use ours
+    data = [f"data.path={tiny_data / 'long'}", f"data.tokenizer={tiny_data / 'tokenizer'}", f"run_dir={tmp_path / 'run'}"]
+    ok = subprocess.run(["bash", str(SBATCH), "yamls/demo/encoder/pretrain.yaml", "parallel.strategy=full_shard", *data],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "strategy: full_shard" in ok.stdout and "autoresume: true" in ok.stdout

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ettin_train.checkpoint import resume, run_identity
 from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.phase_start import start_phase_from
-from ettin_train.config import Duration, Recipe
+from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
 from ettin_train.data.mds import DataError

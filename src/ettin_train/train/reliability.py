@@ -223,11 +223,15 @@ class SaveOnSignal(Callback):
         self.received = self.received or signum
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        flag = state.device.tensor_to_device(torch.tensor([self.received or 0]))
-        dist.all_reduce(flag, reduce_operation="MAX")
-        if not flag.item() or self.stopped or state.get_elapsed_duration() >= 1.0:  # the last step ends the run anyway
+        if dist.get_world_size() == 1:  # nothing to agree on: no device copy and no host sync on the step's path
+            received = self.received or 0
+        else:  # every rank stops after the same step (one small all-reduce per step)
+            flag = state.device.tensor_to_device(torch.tensor([self.received or 0]))
+            dist.all_reduce(flag, reduce_operation="MAX")
+            received = int(flag.item())
+        if not received or self.stopped or state.get_elapsed_duration() >= 1.0:  # the last step ends the run anyway
             return
-        self.received = self.received or int(flag.item())
+        self.received = self.received or received
         self.stopped = signal.Signals(self.received).name
         state.stop_training()
         if dist.get_global_rank() == 0:

@@ -203,3 +203,75 @@ def pytest_collection_modifyitems(items):
     (make test) the longest work starts early and the short files fill in around it at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+class S3Store:
+    """A real S3-protocol server (moto's server mode) in a process of its own on a free port: streaming, Composer
+    and boto3 reach it over HTTP through S3_ENDPOINT_URL, as they would reach a private store."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "moto.log", "w")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.env = {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self._buckets = 0
+        import time
+
+        for _ in range(300):  # the server imports Flask and moto first: a few seconds on a busy machine
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto_server exited {self.proc.returncode}: {(root / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+        raise RuntimeError(f"moto_server did not listen on {self.endpoint}")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def bucket(self) -> str:
+        """A new empty bucket, so tests sharing the server never see each other's objects."""
+        self._buckets += 1
+        name = f"ettin-test-{os.getpid()}-{self._buckets}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Every file under `folder` as an object under `prefix`; the folder's s3:// URI."""
+        client = self.client()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Store(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> S3Store:
+    """The session's S3 server, with this test's environment (and so every run_train it starts) pointed at it."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return s3_server

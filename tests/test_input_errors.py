@@ -54,7 +54,7 @@ CASES = {
     "no samples": (["data.path={root}/empty"], ["data.path", "empty/index.json", "no samples"]),
     "missing data.path": (["data.path={root}/nowhere"], ["data.path", "nowhere/index.json", "does not exist"]),
     "tokenizer typo": (["data.tokenizer={root}/tokenzer"], ["data.tokenizer", "tokenzer"]),
-    "run_dir in a store": (["run_dir=s3://bucket/run"], ["run_dir s3://bucket/run", "object stores"]),
+    "run_dir in a store": (["run_dir=s3://bucket/run"], ["run_dir s3://bucket/run", "checkpoint.remote: s3://bucket/run"]),
     "remote without credentials": (["data.remote=s3://bucket/shards", "data.path={root}/cache"],
                                    ["data.remote s3://bucket/shards", "index.json", "credentials"]),
     "sequence too long": (["data.seq_len=9000"], ["data.seq_len 9000", "8192 positions"]),

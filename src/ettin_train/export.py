@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                "record it (the original runs': then the recipes' table, by the size of the weights, the objective of "
                "the head and --phase, fills in what the flags do not give). A flag that contradicts the record is "
                "refused. The values used and their sources are printed. See docs/export.md.")
-    p.add_argument("source", help="a checkpoint file, a folder of ep*-ba*-rank0.pt, or a run folder")
+    p.add_argument("source", help="a checkpoint file, a folder of ep*-ba*-rank0.pt, or a run folder, local or in an "
+                   "object store (s3://BUCKET/PREFIX, gs://..., hf://datasets/...: its complete checkpoints are downloaded)")
     p.add_argument("--out", required=True, type=Path, help="the git repository to export into (created if missing)")
     p.add_argument("--phase", choices=["pretrain", "ext", "decay"],
                    help="the phase of checkpoints that do not record one (tags step{N}, ext{N}, decay{N})")
@@ -545,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ettin_train import stores
     from ettin_train.checkpoint.composer_format import list_checkpoints
 
     args = build_parser().parse_args(argv)
@@ -553,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"exported": 0, "skipped": 0}
     try:
         try:
-            checkpoints = list_checkpoints(args.source)
-        except FileNotFoundError as e:
+            # a run folder in an object store: its complete checkpoints, downloaded into a local cache (stores.py)
+            source = stores.local_copy(args.source) if stores.is_store(args.source) else args.source
+            checkpoints = list_checkpoints(source)
+        except (FileNotFoundError, stores.StoreError) as e:
             raise Refused(str(e)) from None
         for path in checkpoints:
             result = export_checkpoint(path, repo, flags)

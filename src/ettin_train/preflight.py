@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from ettin_train import stores
 from ettin_train.checkpoint.hf import hf_config
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.checkpoint.sharded import load_sharded
@@ -64,6 +65,7 @@ def check_inputs(recipe: Recipe) -> list[str]:
     """Every check of what the recipe points at that writes nothing: run by `train.py --plan` and by every start
     (PreflightError or RunFolderError, one line each). Returns notes for what trains, but maybe not as meant."""
     check_run_folder(recipe)  # run_dir: local, and the run it holds is this recipe's
+    check_store(recipe)
     rel = recipe.reliability
     if rel.spike_window <= 0 or rel.nonfinite_max_skips < 0 or rel.min_free_gb < 0:
         raise PreflightError(f"reliability.spike_window must be positive and reliability.nonfinite_max_skips and "
@@ -125,8 +127,30 @@ def check_order_rows(recipe: Recipe) -> None:
                              f"to cut them as the original's loader does (counted in ledger.jsonl)")
 
 
+def check_store(recipe: Recipe) -> None:
+    """checkpoint.remote: a store folder that can be listed (credentials, bucket), for full checkpoints."""
+    remote = recipe.checkpoint.remote
+    if remote is None:
+        return
+    if recipe.parallel.checkpoint_format == "sharded":
+        raise PreflightError(f"checkpoint.remote {remote}: sharded checkpoints (parallel.checkpoint_format: sharded) are not "
+                             "uploaded yet; use parallel.checkpoint_format: full with checkpoint.remote")
+    try:
+        stores.check_reachable(remote)
+    except stores.StoreError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_resume(recipe: Recipe, save_folder: Path) -> None:
-    """Rank 0 at a start: the checkpoint folder repaired after a crash, and the checkpoint a resume loads checked."""
+    """Rank 0 at a start: a newer complete checkpoint in checkpoint.remote brought into the run folder, the folder
+    repaired after a crash, and the checkpoint a resume loads checked."""
+    remote = recipe.checkpoint.remote
+    if remote and recipe.checkpoint.autoresume:
+        try:
+            stores.restore(remote, Path(recipe.run_dir), lambda held: check_run_folder(recipe, held, remote),
+                           recipe.checkpoint.verify_digest)
+        except stores.StoreError as e:
+            raise PreflightError(str(e)) from None
     resume_from = prepare_resume(save_folder, recipe.checkpoint.verify_digest) if recipe.checkpoint.autoresume else None
     if resume_from is not None:
         check_resume_checkpoint(resume_from, recipe)

@@ -32,11 +32,12 @@ class RunFolderError(ValueError):
 
 
 def check_local_run_dir(recipe: Recipe) -> None:
-    """The one place that says where run folders may be: local paths only, until run folders in object stores
-    exist (Composer's remote upload is not atomic, docs/decisions.md). Without it `s3://b/x` becomes a folder `s3:`."""
+    """The one place that says where run folders may be: local paths only; a copy in an object store is
+    checkpoint.remote (stores.py). Without it `s3://b/x` becomes a folder `s3:`."""
     if "://" in recipe.run_dir:
-        raise RunFolderError(f"run_dir {recipe.run_dir}: run folders in object stores are not supported; set run_dir to "
-                             "a local (or network-mounted) folder")
+        raise RunFolderError(f"run_dir {recipe.run_dir}: run_dir must be a local (or network-mounted) folder; to keep the "
+                             f"run's checkpoints in an object store, set checkpoint.remote: {recipe.run_dir} and a local "
+                             "run_dir (docs/checkpoints.md)")
 
 
 def model_shape(model: dict) -> dict:
@@ -87,13 +88,15 @@ def read_identity(run_dir: str | Path) -> dict | None:
         raise RunFolderError(f"run_dir {run_dir}: {IDENTITY} cannot be read ({type(e).__name__}: {e})") from None
 
 
-def check_run_folder(recipe: Recipe) -> None:
-    """Refuses a start whose recipe is not the run the folder holds (its run.json), finished or not."""
+def check_run_folder(recipe: Recipe, held: dict | None = None, held_at: str | None = None) -> None:
+    """Refuses a start whose recipe is not the run the folder holds (its run.json, or `held`, the run.json found at
+    `held_at`: a store's), finished or not."""
     check_local_run_dir(recipe)
-    held = read_identity(recipe.run_dir)
+    if held is None:
+        held, held_at = read_identity(recipe.run_dir), recipe.run_dir
     if held is None:
         return
-    ours, where = identity(recipe), f"run_dir {recipe.run_dir} holds another run ({Path(recipe.run_dir) / IDENTITY}:"
+    ours, where = identity(recipe), f"{'run_dir' if held_at == recipe.run_dir else 'checkpoint.remote'} {held_at} holds another run ({held_at}/{IDENTITY}:"
     advice = "use another run_dir, or start from its checkpoint with init.checkpoint"
     for key in ("objective", "phase"):
         if held.get(key) != ours[key]:

@@ -117,7 +117,7 @@ class CheckpointConfig:
     # Continue from the newest checkpoint in the run folder if there is one.
     autoresume: bool = True
     # Continue another run from this checkpoint: a file, a run folder (its newest), an hf://[datasets/]ORG/NAME/PATH,
-    # or a URI Composer downloads (s3://, gs://, https://, ...), ours or in the original runs' layout. A full resume: weights, optimizer, scheduler, clock, RNG
+    # a file or run folder in s3:// or gs:// (checked against its marker), or a URI Composer downloads (oci://, azure://), ours or in the original runs' layout. A full resume: weights, optimizer, scheduler, clock, RNG
     # and data position, at the next batch (init.checkpoint instead starts a new phase). Autoresume wins once
     # this run has checkpoints of its own.
     load_path: Optional[str] = None
@@ -129,6 +129,11 @@ class CheckpointConfig:
     # aside and the one before it used). false: check only its size, for huge checkpoints on slow disks, where
     # reading every byte once more at each start costs minutes.
     verify_digest: bool = True
+    # An object store folder (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, hf://datasets/ORG/NAME/PREFIX) that holds a
+    # copy of the run folder: each checkpoint is uploaded as it is written, its completion marker last, with the
+    # ledger, run.json and recipes; keep prunes it too. A start whose run_dir has no newer complete checkpoint (an
+    # empty disk after a requeue) resumes from the store's newest complete one. run_dir stays local (stores.py).
+    remote: Optional[str] = None
 
 
 @dataclass

@@ -95,6 +95,7 @@ def plan(args, workdir: Path) -> tuple[EvalSettings, list, dict, Table]:
     """All checks (tags are extracted into `workdir` when loaded); returns the settings, the points to evaluate with their tokens seen, the phase starts
     and the table. Raises SourceError or HeldOutError (nothing is written)."""
     settings = EvalSettings(args.batches, args.batch_size, args.seq_len, args.mask_rate, args.seed)
+    args.sources = [_local(s) for s in args.sources]
     args.data = args.data or [d for s in args.sources for d in _recipe_eval_sources(s)]
     if not (args.data or args.tasks or args.probe):
         raise HeldOutError("nothing to evaluate: give --data (no run folder among the sources has eval.sources), --tasks or --probe")
@@ -135,6 +136,19 @@ def plan(args, workdir: Path) -> tuple[EvalSettings, list, dict, Table]:
     for kind, phases in starts.items():
         table.phases.setdefault(kind, {}).update(phases)
     return settings, [(p, tokens[id(p)]) for p in chosen], starts, table
+
+
+def _local(source: str) -> str:
+    """A run folder in an object store (s3://, gs://, hf://datasets/...) as its local copy (stores.py); hf://ORG/NAME
+    stays an export repository on the Hub."""
+    from ettin_train import stores
+
+    if not stores.is_store(source):
+        return source
+    try:
+        return str(stores.local_copy(source))
+    except stores.StoreError as e:
+        raise SourceError(str(e)) from None
 
 
 def _recipe_eval_sources(source: str) -> list[str]:

@@ -22,6 +22,7 @@ from composer.callbacks import CheckpointSaver
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist
 
+from ettin_train import stores
 from ettin_train.checkpoint.digest import file_sha256, write_marker
 from ettin_train.checkpoint.run_folder import MARKER, atomic_symlink, checkpoint_bytes, fsync, marked_checkpoints
 from ettin_train.train import shims
@@ -37,12 +38,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """Composer's saver with the write made atomic (temporary name, fsync, rename, marker, symlink swap)
     and the free space checked before each write, for local, monolithic (rank-0) checkpoints."""
 
-    def __init__(self, folder: str, save_interval: str, keep: int, min_free_bytes: int = 0):
+    def __init__(self, folder: str, save_interval: str, keep: int, min_free_bytes: int = 0, remote: str | None = None):
         super().__init__(folder=folder, filename="ep{epoch}-ba{batch}-rank{rank}.pt", remote_file_name=None,
                          latest_filename="latest-rank{rank}.pt",
                          latest_remote_file_name=f"{folder}/latest-rank{{rank}}.pt",
                          save_interval=save_interval, num_checkpoints_to_keep=keep)
         self.min_free_bytes = min_free_bytes
+        # checkpoint.remote: each checkpoint this rank writes is uploaded, its marker last (stores.py)
+        self.store = stores.Store(remote) if remote else None
         self.last_complete: str | None = None
         self.estimate = 0
         # Called as on_stage(stage, step, path) after each stage of a write ("written": the .partial.pt is on
@@ -54,6 +57,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.estimate = checkpoint_bytes(state.model)
         latest = Path(self.folder) / "latest-rank0.pt"
         self.last_complete = os.path.realpath(latest) if latest.exists() else None
+        if self.store is not None and dist.get_global_rank() == 0:
+            try:
+                stores.upload_missing(self.store, Path(self.folder).parent)
+            except stores.StoreError as e:
+                raise StopRun(str(e)) from None
 
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled:
@@ -88,6 +96,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self._stage("linked", step, final)
         self.last_complete = final
         self.saved_checkpoints.append(final)
+        if self.store is not None:
+            try:  # a checkpoint the store does not hold stops the run: the next node's resume would miss it
+                stores.upload_checkpoint(self.store, Path(final), Path(final).parent.parent)
+                if self.num_checkpoints_to_keep > 0:
+                    stores.prune(self.store, self.num_checkpoints_to_keep)
+            except stores.StoreError as e:
+                raise StopRun(f"{e}; the checkpoint of step {step} is complete locally ({final}): run the same command "
+                              "to resume from it") from None
         if self.num_checkpoints_to_keep > 0:
             # What is on disk, not what this start wrote: a requeued run's earlier checkpoints count too.
             on_disk = marked_checkpoints(Path(final).parent)
@@ -249,5 +265,5 @@ def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
     non-finite guard and the spike monitor."""
     rel = recipe.reliability
     saver = AtomicCheckpointSaver(str(save_folder), composer_time(recipe.checkpoint.interval), recipe.checkpoint.keep,
-                                  min_free_bytes=int(rel.min_free_gb * 2**30))
+                                  min_free_bytes=int(rel.min_free_gb * 2**30), remote=recipe.checkpoint.remote)
     return [saver, NonFiniteGuard(rel.nonfinite, rel.nonfinite_max_skips, saver), SpikeMonitor(rel.spike_window, rel.spike_zscore)]

@@ -21,6 +21,7 @@ from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
+from ettin_train import stores
 from ettin_train.checkpoint import resume, run_identity
 from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.phase_start import start_phase_from
@@ -181,7 +182,9 @@ def _starting_point(recipe: Recipe, model: EttinModel, optimizer, save_folder: P
     if recipe.checkpoint.load_path:
         load_path = recipe.checkpoint.load_path
         try:
-            if load_path.startswith("hf://"):
+            if stores.is_store(load_path) and not load_path.startswith("hf://"):
+                load_path = _from_store(load_path, Path(recipe.run_dir) / "from-store")
+            elif load_path.startswith("hf://"):
                 load_path = resume.fetch_hub_file(load_path)
             if not resume.is_remote(load_path):
                 load_path = resume.check_full_checkpoint(load_path, {f"model.{k}" for k in model.state_dict()},
@@ -194,6 +197,22 @@ def _starting_point(recipe: Recipe, model: EttinModel, optimizer, save_folder: P
         return _Start(f"continuing from {load_path} (checkpoint.load_path: a full resume)", load_path=load_path,
                       full_resume=True, from_checkpoint=True)
     return _Start("fresh initialisation")
+
+
+def _from_store(uri: str, dest: Path) -> str:
+    """A load_path in an object store, downloaded by rank 0 and checked against the marker beside it (stores.py);
+    every rank gets the local path or the one-line refusal (ValueError)."""
+    result = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            result = [("ok", str(stores.fetch_checkpoint(uri, dest)))]
+        except (ValueError, stores.StoreError) as e:
+            result = [("error", str(e))]
+    dist.broadcast_object_list(result, src=0)
+    kind, value = result[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value
 
 
 def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):

@@ -194,3 +194,15 @@ def test_ettin_eval_of_the_store_run_folder_gives_the_numbers_of_the_local_one(s
         rows = json.loads((out / "eval.json").read_text())["rows"]
         numbers[name] = {r["tag"]: (r["loss"], r["accuracy"], r["tokens"]) for r in rows}
     assert numbers["store"] == numbers["disk"] and sorted(numbers["disk"]) == ["step12", "step8"]
+
+
+def test_a_two_process_run_uploads_each_object_once(tiny_data, s3, tmp_path):
+    from tests.conftest import composer_launcher
+
+    bucket = s3.bucket()
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_data, tmp_path / "run", train={"global_batch": 8, "max_duration": "4ba"},
+                                                          checkpoint={"interval": "4ba", "remote": f"s3://{bucket}/two"}))
+    run_train(str(recipe), launcher=composer_launcher(2))
+    puts = [k for k in _requests(s3, bucket) if k.startswith("two/checkpoints/")]
+    # rank 0 writes the (full) checkpoint and uploads it and its marker; rank 1 writes nothing and uploads nothing
+    assert sorted(puts) == [f"two/{CKPT.format(4)}", f"two/{CKPT.format(4)}.complete"]

@@ -24,8 +24,10 @@ from ettin_train.checkpoint.hf import hf_config
 from ettin_train.checkpoint.safe_load import UnsafeCheckpointError, safe_load
 from ettin_train.checkpoint.sharded import load_sharded
 from ettin_train.config import Recipe, recipe_to_dict
+from ettin_train.data.mds import ShardUnavailable
 from ettin_train.data.order import OrderError, OrderIndex
 from ettin_train.data.permuted import resolve_sources
+from ettin_train.data.remote import order_folder
 from ettin_train.data.shard_record import check_folder
 from ettin_train.phases import phase as phase_named
 from ettin_train.checkpoint.run_folder import checkpoint_bytes, prepare_resume
@@ -86,6 +88,12 @@ def check_data(recipe: Recipe, tokenizer) -> list[str]:
     (data/shard_record.py: tokenizer, framing, dtype) against the recipe, a remote's index, and a replayed order's
     row lengths against data.seq_len. Returns notes for what trains but maybe not as meant."""
     data, verify = recipe.data, recipe.reliability.verify_shards
+    if data.download_retry < 1 or data.download_timeout <= 0:
+        raise PreflightError(f"data.download_retry must be at least 1 (attempts in all) and data.download_timeout "
+                             f"positive, got {data.download_retry} and {data.download_timeout}")
+    if data.order_remote and not data.order:
+        raise PreflightError(f"data.order_remote {data.order_remote}: set data.order too, the local folder its files are "
+                             "downloaded into")
     if data.order:
         check_order_rows(recipe)
         return []
@@ -98,7 +106,7 @@ def check_data(recipe: Recipe, tokenizer) -> list[str]:
         folder = Path(source.local) / (source.split or "")  # the shards themselves, or a remote's cache
         if source.remote is not None:
             if not (folder / "index.json").is_file():  # else streaming reads the cached one
-                check_remote(source.remote, source.split, f"{source.key}.remote")
+                check_remote(source.remote, source.split, f"{source.key}.remote", data.download_timeout)
             continue  # remote shards are checked by streaming as it downloads them
         if verify != "none":
             check_shards(folder, hashes=verify == "hash", key=f"{source.key}.path")
@@ -114,7 +122,9 @@ def check_order_rows(recipe: Recipe) -> None:
     shorter data.seq_len would stop the run at the first longer row. Refused here, unless data.truncate_long_rows."""
     data = recipe.data
     try:
-        index = OrderIndex(data.order)
+        index = OrderIndex(data.order, order_folder(data))  # from a store: its index and step tables downloaded here
+    except ShardUnavailable as e:
+        raise PreflightError(str(e)) from None  # names data.order_remote and the URI
     except (OrderError, ValueError) as e:
         raise PreflightError(f"data.order: {e}") from None
     phase = data.order_phase or phase_named(recipe.phase).short
@@ -174,7 +184,7 @@ def check_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def check_remote(remote: str, split: str | None, key: str) -> None:
+def check_remote(remote: str, split: str | None, key: str, timeout: float = 60.0) -> None:
     """The remote's index.json downloads (streaming's own downloader, so its credentials and endpoint settings): a
     bucket without credentials, or a wrong path, is one line here instead of a traceback from a loader worker."""
     import tempfile
@@ -184,7 +194,7 @@ def check_remote(remote: str, split: str | None, key: str) -> None:
     url = "/".join([remote.rstrip("/"), *(p.strip("/") for p in (split or "", "index.json") if p)])  # /abs stays absolute
     with tempfile.TemporaryDirectory(prefix="ettin-remote-") as tmp:
         try:
-            CloudDownloader.direct_download(url, os.path.join(tmp, "index.json"), timeout=60)
+            CloudDownloader.direct_download(url, os.path.join(tmp, "index.json"), timeout=timeout)
         except Exception as e:  # noqa: BLE001 - whatever the store says, on one line
             hint = ""
             if remote.startswith("s3://"):

@@ -44,9 +44,18 @@ class DataSource:
 class DataConfig:
     # Folder of MDS shards (the `index.json` folder, or its parent when `split` is set).
     path: str = MISSING
-    # Optional remote copy (s3://, gs://, hf://, ...) that streaming downloads into `path`.
+    # Optional remote copy (s3://, gs://, hf://, ...) that streaming downloads into `path`, shard by shard as
+    # training first needs it (`path` is then the local cache; docs/data.md, "Shards in an object store").
     remote: Optional[str] = None
     split: Optional[str] = None
+    # With a remote: the most bytes of shards the local cache keeps per source (streaming's cache_limit: bytes, or
+    # "20gb"); the coldest shards are deleted and downloaded again when needed. null: keep every shard.
+    cache_limit: Optional[str] = None
+    # With a remote: attempts per file download (streaming's download_retry: the total, at least 1, with a backoff
+    # of 1, 2, 4 ... seconds between them) and the seconds one attempt may take. A shard that fails them all ends
+    # the run with one line naming it, after a checkpoint of the last finished step.
+    download_retry: int = 2
+    download_timeout: float = 60.0
     # Tokenizer folder or Hub name (Ettin: jhu-clsp/ettin-encoder-150m); only its special tokens are used.
     tokenizer: str = MISSING
     seq_len: int = 1024
@@ -58,6 +67,9 @@ class DataConfig:
     # step k (then `path`, `shuffle_seed` and train.global_batch are not used). Its phase follows
     # `phase` (pretrain, extension -> ext, decay) unless `order_phase` names one.
     order: Optional[str] = None
+    # An imported order in an object store (s3://, gs://, hf://, as `remote`): `order` is then its local cache, each
+    # file downloaded once when first read and checked (the index by its fingerprint, each shard by its sha256).
+    order_remote: Optional[str] = None
     order_phase: Optional[Literal["pretrain", "ext", "decay"]] = None
     # With data.order: rows longer than seq_len (the order's phase was cut at a longer sequence_length) are refused
     # before any work; true cuts them as the original's loader does (text_data.py: keep seq_len tokens; for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from streaming import StreamingDataset
 
@@ -15,7 +17,12 @@ class DataError(ValueError):
     def line(self) -> str:
         """The message alone, also from a worker's copy (whose text is the worker's whole traceback)."""
         last = str(self).strip().splitlines()[-1]
-        return last.split("DataError: ", 1)[-1]
+        return last.split(f"{type(self).__name__}: ", 1)[-1]
+
+
+class ShardUnavailable(DataError):
+    """A shard (or an imported order's file) that the store did not deliver after every download attempt: the run
+    ends with one line naming it, and a checkpoint of the last finished step (train/run.py)."""
 
 
 def first_pad(ids: np.ndarray, tokens: SpecialTokens) -> int | None:
@@ -44,7 +51,10 @@ class FramedMDSDataset(StreamingDataset):
         self.seq_len, self.tokens, self.force_sep = seq_len, tokens, force_sep
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
-        sample = super().get_item(sample_id, retry)
+        try:
+            sample = super().get_item(sample_id, retry)
+        except Exception as e:  # noqa: BLE001 - streaming retried the download already (download_retry)
+            raise ShardUnavailable(self._unavailable(sample_id, e)) from None
         pos = first_pad(sample["input_ids"], self.tokens)
         if pos is not None:  # the original asserts it away (text_data.py); trained on, the CLM loss would score it
             shard, index = self.spanner[sample_id]
@@ -54,3 +64,12 @@ class FramedMDSDataset(StreamingDataset):
                             f"{self.tokens.pad} at position {pos} inside the sample; the original's loader refuses it "
                             f"and the loss would score it: write the shards without padding")
         return {"input_ids": frame(sample["input_ids"], self.seq_len, self.tokens, self.force_sep), "key": int(sample_id)}
+
+    def _unavailable(self, sample_id: int, e: Exception) -> str:
+        shard, index = self.spanner[sample_id]
+        reader, stream = self.shards[shard], self.streams[self.stream_per_shard[shard]]
+        name = (reader.zip_data or reader.raw_data).basename
+        where = os.path.join(stream.remote, stream.split, name) if stream.remote else os.path.join(reader.dirname, name)
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        tries = f" after {stream.download_retry} download attempt(s)" if stream.remote else ""
+        return f"shard {where} (sample {index}, global sample {sample_id}) could not be read{tries}: {type(e).__name__}: {cause}"

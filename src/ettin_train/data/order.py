@@ -357,11 +357,14 @@ class OrderIndex:
     its first global sample index and batch size, the shard index gives the shard(s) holding them,
     and each shard is read once, from the first of those samples to the last."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, remote=None):
+        """`remote` (data/remote.py RemoteFolder, data.order_remote): the order is in a store and `out_dir` is its
+        local cache; each file is downloaded when first needed, the index and step tables at once, the shards as
+        their steps are read (each checked against its sha256 in index.json)."""
         from streaming.base.format import reader_from_json
 
-        self.root = Path(out_dir)
-        path = self.root / INDEX_NAME
+        self.root, self.remote = Path(out_dir), remote
+        path = self._fetch(INDEX_NAME)
         if not path.is_file():
             raise OrderError(str(path), "not found: not an imported order (run data_tools/import_order.py)")
         self.index = json.loads(path.read_text())
@@ -372,8 +375,8 @@ class OrderIndex:
         self._tables: dict[str, np.ndarray] = {}
         self._shards: dict[str, tuple[list, list[int]]] = {}
         for name, p in self.index["phases"].items():
-            table_path = self.root / p["step_table"]
-            index_json = self.root / p["folder"] / "index.json"
+            table_path = self._fetch(p["step_table"])
+            index_json = self._fetch(f"{p['folder']}/index.json")
             for f in (table_path, index_json):
                 if not f.is_file():
                     raise OrderError(str(f), "is missing from the imported order")
@@ -391,6 +394,10 @@ class OrderIndex:
             self._tables[name], self._shards[name] = table, (readers, starts)
         if _fingerprint(self.index["phases"]) != self.fingerprint:
             raise OrderError(str(path), "fingerprint mismatch: the phase digests do not add up to the recorded fingerprint")
+
+    def _fetch(self, rel: str, sha256: str | None = None) -> Path:
+        """The order's file `rel` in its folder: from the store first when there is one and it is not cached."""
+        return self.root / rel if self.remote is None else self.remote.fetch(rel, sha256)
 
     @property
     def phases(self) -> list[str]:
@@ -434,6 +441,9 @@ class OrderIndex:
         """Samples lo..hi-1 (shard-relative) of one shard, read with one open and one read."""
         reader = self._shards[phase][0][shard]
         path = os.path.join(reader.dirname, reader.raw_data.basename)
+        if self.remote is not None and not os.path.isfile(path):
+            self._fetch(f"{self.index['phases'][phase]['folder']}/{reader.raw_data.basename}",
+                        reader.raw_data.hashes.get("sha256"))
         with open(path, "rb", 0) as fp:
             fp.seek(4 * (1 + lo))
             offsets = np.frombuffer(fp.read(4 * (hi - lo + 1)), np.uint32).astype(np.int64)

@@ -42,13 +42,19 @@ class SourceSpec:
     split: str | None
     weight: float
     cache: str | None = None
+    # data.cache_limit, data.download_retry, data.download_timeout: streaming's own settings of the same names
+    download: tuple = (None, 2, 60.0)
 
     def streaming_args(self) -> dict:
-        """StreamingDataset's local/remote/split. With a cache, the shards' folder is streaming's `remote` (a local
-        path: it copies each shard into `local` and decompresses it there), so the data folder is only read."""
+        """StreamingDataset's local/remote/split and download settings. With a cache, the shards' folder is
+        streaming's `remote` (a local path: it copies each shard into `local` and decompresses it there), so the
+        data folder is only read."""
+        limit, retry, timeout = self.download
+        limit = limit if self.remote or self.cache else None  # evicting from a plain local folder deletes the data
+        args = {"cache_limit": limit, "download_retry": retry, "download_timeout": timeout, "split": self.split}
         if self.cache is None:
-            return {"local": self.local, "remote": self.remote, "split": self.split}
-        return {"local": self.cache, "remote": self.local, "split": self.split}
+            return {"local": self.local, "remote": self.remote, **args}
+        return {"local": self.cache, "remote": self.local, **args}
 
 
 def resolve_sources(data) -> list[SourceSpec]:
@@ -58,11 +64,15 @@ def resolve_sources(data) -> list[SourceSpec]:
     if cache is not None and (data.remote or any(s.remote for s in data.sources)):
         raise ValueError("data.local_cache: a source with a remote is already downloaded and decompressed into its path; "
                          "use local_cache only for shards on a local (or mounted) disk")
+    if data.cache_limit is not None and cache is None and not (data.remote or any(s.remote for s in data.sources)):
+        raise ValueError("data.cache_limit: evicting a shard deletes it from its folder, and without data.remote (or "
+                         "data.local_cache) that folder holds the only copy; set it only for shards downloaded into a cache")
+    download = (data.cache_limit, data.download_retry, data.download_timeout)
     if not data.sources:
-        specs = [SourceSpec("data", data.path, data.remote, data.split, 1.0, cache)]
+        specs = [SourceSpec("data", data.path, data.remote, data.split, 1.0, cache, download)]
     else:  # one cache folder per source: streaming keeps one dataset per local folder
         specs = [SourceSpec(f"data.sources[{i}]", os.path.join(data.path, s.path), s.remote, s.split, s.weight,
-                            None if cache is None else os.path.join(cache, f"source{i}"))
+                            None if cache is None else os.path.join(cache, f"source{i}"), download)
                  for i, s in enumerate(data.sources)]
     seen: dict[str, str] = {}
     for s in specs:

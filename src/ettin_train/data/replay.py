@@ -27,10 +27,11 @@ class ReplayBatches(IterableDataset):
     """Yields this rank's collated share of each step's batch, from `start_step` on, with a `step` field."""
 
     def __init__(self, order_dir: str, phase: str, rank: int, world: int, seq_len: int, collate,
-                 tokens: SpecialTokens | None = None, force_sep: bool = False, truncate: bool = False):
+                 tokens: SpecialTokens | None = None, force_sep: bool = False, truncate: bool = False, remote=None):
         """`tokens`: the recipe's special tokens ([PAD] inside a row is refused; rows are cut with [SEP] when
-        `force_sep`); `truncate`: cut rows longer than `seq_len` (data.truncate_long_rows) instead of refusing them."""
-        self.index = OrderIndex(order_dir)
+        `force_sep`); `truncate`: cut rows longer than `seq_len` (data.truncate_long_rows) instead of refusing them;
+        `remote`: the order's store (data.order_remote), `order_dir` then being its cache (data/remote.py)."""
+        self.index = OrderIndex(order_dir, remote)
         if phase not in self.index.phases:
             raise ValueError(f"data.order_phase: {order_dir} has no phase {phase!r} (it has {', '.join(self.index.phases)})")
         self.order_dir, self.phase, self.rank, self.world = order_dir, phase, rank, world

@@ -260,6 +260,25 @@ class SaveOnSignal(Callback):
         self.previous = {}
 
 
+def save_after_data_failure(trainer) -> str:
+    """The data of the next step could not be read (the store failed mid-run): the weights, optimizer, clock and data
+    position are still those after the last finished step, so one process writes its checkpoint now, as a preemption
+    would (SaveOnSignal). With several processes only the failing rank knows (the others wait in the next step's
+    collectives), so the last interval checkpoint is the one to resume from. Returns what the error line adds."""
+    state = trainer.state
+    saver = next(cb for cb in state.callbacks if isinstance(cb, AtomicCheckpointSaver))
+    step = state.timestamp.batch.value
+    resume = "run the same command to resume once the store serves it again"
+    if dist.get_world_size() == 1 and step > 0 and saver.last_checkpoint_batch != state.timestamp.batch:
+        try:
+            saver._save_checkpoint(state, trainer.logger)
+        except Exception as e:  # noqa: BLE001 - the data error is the news; say the checkpoint failed too
+            return f"the checkpoint of step {step} failed too ({type(e).__name__}: {e}); last complete checkpoint: " \
+                   f"{saver.last_complete or 'none'}"
+        return f"checkpoint of step {step}: {saver.last_complete}; {resume}"
+    return f"stopped before step {step + 1}; last complete checkpoint: {saver.last_complete or 'none'}; {resume}"
+
+
 def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:
     """The callbacks run() appends: the atomic saver (Composer then uses it instead of its own), the
     non-finite guard and the spike monitor."""

@@ -28,7 +28,8 @@ from ettin_train.checkpoint.phase_start import start_phase_from
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
-from ettin_train.data.mds import DataError
+from ettin_train.data.mds import DataError, ShardUnavailable
+from ettin_train.data.remote import order_folder
 from ettin_train.data.replay import ReplayBatches
 from ettin_train.live_export import CheckpointExporter
 from ettin_train.model import EttinModel
@@ -39,7 +40,7 @@ from ettin_train.train import parallel
 from ettin_train.train.callbacks import (DataStepCheck, Evaluate, ExportCheckpoints, Ledger, Progress, RunMetadata,
                                         StopAfter)
 from ettin_train.train.module import EttinComposerModel, LRSchedule, build_optimizer, composer_time
-from ettin_train.train.reliability import SaveOnSignal, StopRun, reliability_callbacks
+from ettin_train.train.reliability import SaveOnSignal, StopRun, reliability_callbacks, save_after_data_failure
 from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, checked_tarballs,
                                      digest_checkpoint_writes, route_checkpoint_loads)
 
@@ -117,6 +118,8 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
         trainer.fit()
     except StopRun as e:
         sys.exit(f"error: {e}")
+    except ShardUnavailable as e:  # the store failed for good: one line naming the shard, and where to resume from
+        sys.exit(f"error: {e.line()}; {save_after_data_failure(trainer)}")
     except DataError as e:  # a sample that cannot be trained on ([PAD] inside it): one line naming the shard and sample
         sys.exit(f"error: {e.line()}")
     except RuntimeError as e:
@@ -226,7 +229,8 @@ def _data(recipe: Recipe, objective, tokens: SpecialTokens, world: int):
         order_phase = recipe.data.order_phase or phase_named(recipe.phase).short
         try:
             dataset = ReplayBatches(recipe.data.order, order_phase, dist.get_global_rank(), world, recipe.data.seq_len, collate,
-                                    tokens=tokens, force_sep=not objective.causal, truncate=recipe.data.truncate_long_rows)
+                                    tokens=tokens, force_sep=not objective.causal, truncate=recipe.data.truncate_long_rows,
+                                    remote=order_folder(recipe.data))
         except (OrderError, ValueError, KeyError) as e:
             sys.exit(f"error: data.order: {e}")
         steps = dataset.index.steps(order_phase)

@@ -29,9 +29,10 @@ demo: setup
 	$(PY) data_tools/demo.py
 
 # Both cores: one pytest-xdist worker each, a test file per worker at a time (its module-scoped runs are made
-# once); the 15 slowest tests are printed at the end (pyproject.toml). TEST_WORKERS=0 runs in one process.
+# once), in the order tests/conftest.py gives (longest first; xdist would otherwise reorder the files by their
+# number of tests); the 15 slowest tests are printed at the end (pyproject.toml). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PYTEST) tests

@@ -106,9 +106,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def composer_launcher(processes: int = 2) -> list[str]:
-    """Composer's launcher for `processes` local ranks, on a port free now: call it once per launch."""
-    return [str(Path(sys.executable).parent / "composer"), "-n", str(processes), "--master_port", str(free_port())]
+class ForkedComposerLauncher(list):
+    """`composer -n N --master_port P`, run by run_train as Composer's own launcher code whose ranks are forked
+    from the pre-imported process (tests/train/fork_runner.py): ~8 s of imports saved per rank and launcher."""
+
+
+def composer_launcher(processes: int = 2, real: bool = False) -> list[str]:
+    """Composer's launcher for `processes` local ranks, on a port free now: call it once per launch. `real`:
+    the `composer` executable itself, each rank a new Python (for the tests of the launcher itself)."""
+    launcher = [str(Path(sys.executable).parent / "composer"), "-n", str(processes), "--master_port", str(free_port())]
+    return launcher if real else ForkedComposerLauncher(launcher)
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:
@@ -117,12 +124,13 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 # Scripts run_train forks from one pre-imported process (tests/train/fork_runner.py) instead of starting
-# Python, torch and Composer afresh: ~8 s saved per run. Launchers (Composer, torchrun) start their own.
+# Python, torch and Composer afresh: ~8 s saved per run (and per rank under composer_launcher()). Other
+# launchers (torchrun, composer_launcher(real=True)) start their own.
 FORKED = {ROOT / "train.py", ROOT / "tests" / "train" / "faults.py"}
 _fork_server = None
 
 
-def _forked(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+def _forked(cmd: list[str], env: dict, timeout: int, launcher: list[str] | None) -> subprocess.CompletedProcess:
     global _fork_server
     import atexit
     import tempfile
@@ -134,7 +142,9 @@ def _forked(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProc
         atexit.register(_fork_server.close)
     with tempfile.TemporaryDirectory(prefix="run_train-") as logs:
         out, err = Path(logs) / "stdout", Path(logs) / "stderr"
-        result = _fork_server.attempt(cmd[1:], out, err, kill_after=timeout, cwd=ROOT, env=env)
+        argv = cmd[len(launcher):] if launcher else cmd[1:]
+        result = _fork_server.attempt(argv, out, err, kill_after=timeout, cwd=ROOT, env=env,
+                                      launcher=launcher[1:] if launcher else None)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
     if result["killed"]:
         raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
@@ -144,11 +154,11 @@ def _forked(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProc
 def run_train(*args: str, launcher: list[str] | None = None, timeout: int = 600, check: bool = True,
               script: Path = ROOT / "train.py") -> subprocess.CompletedProcess:
     """Runs train.py (or another entry `script`) in a process of its own, as a user would: forked from a
-    pre-imported one for a single process, else under `launcher`."""
+    pre-imported one for a single process and for the ranks of composer_launcher(), else under `launcher`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = (launcher or [sys.executable]) + [str(script), *args]
-    if launcher is None and Path(script) in FORKED:
-        proc = _forked(cmd, env, timeout)
+    if (launcher is None or isinstance(launcher, ForkedComposerLauncher)) and Path(script) in FORKED:
+        proc = _forked(cmd, env, timeout, launcher)
     else:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -198,11 +208,19 @@ def order(tmp_path_factory) -> Path:
     return root / "imported"
 
 
+# The longest files, longest first (per-file time of make test, 2026-12-03): each runs whole on one worker, so
+# one started late would run on alone at the end.
+LONGEST_FIRST = ["train/test_rank_lost.py", "data/test_replay.py", "train/test_parallel.py", "train/test_reliability.py",
+                 "train/test_run.py"]
+
+
 def pytest_collection_modifyitems(items):
-    """Files with real training runs (marked slow) first, in their own order: under `-n 2 --dist loadfile`
-    (make test) the longest work starts early and the short files fill in around it at the end."""
+    """LONGEST_FIRST, then the other files with real training runs (marked slow), then the rest, each group in
+    its own order: under `-n 2 --dist loadfile --no-loadscope-reorder` (make test) the longest work starts early
+    and the short files fill in around it at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    rank = {ROOT / "tests" / name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path, len(rank)), item.path not in slow_files))
 
 
 class S3Store:

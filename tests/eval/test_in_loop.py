@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,10 @@ import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.eval.cli import main as eval_main
-from tests.conftest import free_port, run_train, tiny_recipe, write_recipe
+from tests.conftest import composer_launcher, run_train, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 EVAL = {"interval": "2ba", "batches": 2, "batch_size": 4, "seq_len": 64}
 
 
@@ -37,7 +35,7 @@ def runs(tiny_data, tmp_path_factory) -> Path:
     for name, with_eval in (("plain", False), ("eval", True)):
         run_train(str(write_recipe(root / f"{name}.yaml", recipe(tiny_data, root / name, with_eval))))
     two = write_recipe(root / "two.yaml", recipe(tiny_data, root / "two", True))
-    run_train(str(two), launcher=[str(BIN / "composer"), "-n", "2", "--master_port", str(free_port())])
+    run_train(str(two), launcher=composer_launcher())
     return root
 
 

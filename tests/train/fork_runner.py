@@ -37,9 +37,11 @@ class ForkServer:
         assert self.proc.stdout.readline().strip() == "ready"
 
     def attempt(self, argv: list[str], stdout: Path, stderr: Path, kill_after: float | None = None,
-                cwd: Path = ROOT, env: dict | None = None, signal: str = "SIGKILL", signal_on: str | None = None) -> dict:
+                cwd: Path = ROOT, env: dict | None = None, signal: str = "SIGKILL", signal_on: str | None = None,
+                launcher: list[str] | None = None) -> dict:
         request = {"argv": [str(a) for a in argv], "stdout": str(stdout), "stderr": str(stderr),
-                   "kill_after": kill_after, "signal": signal, "signal_on": signal_on, "cwd": str(cwd), "env": env or self.env}
+                   "kill_after": kill_after, "signal": signal, "signal_on": signal_on, "cwd": str(cwd), "env": env or self.env,
+                   "launcher": launcher}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -77,7 +79,8 @@ class Runner(ForkServer):
 
 
 def _child(a: dict) -> None:
-    """In the forked child: become `python SCRIPT ARGS` run in `cwd` with `env`, and never return."""
+    """In the forked child: become `python SCRIPT ARGS` (or, with "launcher", `composer LAUNCHER SCRIPT ARGS`)
+    run in `cwd` with `env`, and never return."""
     os.chdir(a["cwd"])
     os.environ.clear()
     os.environ.update(a["env"])
@@ -87,16 +90,23 @@ def _child(a: dict) -> None:
     err = out if a["stderr"] == a["stdout"] else os.open(a["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(out, 1)
     os.dup2(err, 2)
+    if a.get("launcher") is not None:
+        os.setpgid(0, 0)  # the launcher and its ranks: one group, for kill_after
+        _exit(_composer_launcher(a["launcher"], a["argv"]))
+    _run(a["argv"], a["cwd"])
+
+
+def _run(argv: list[str], cwd: str) -> None:
     import runpy
 
     try:
-        if a["argv"][0] == "-m":  # `python -m MODULE ARGS`
-            sys.argv, sys.path[0] = ["-m", *a["argv"][2:]], a["cwd"]
-            runpy.run_module(a["argv"][1], run_name="__main__", alter_sys=True)
+        if argv[0] == "-m":  # `python -m MODULE ARGS`
+            sys.argv, sys.path[0] = ["-m", *argv[2:]], cwd
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         else:
-            sys.argv = list(a["argv"])
-            sys.path[0] = str(Path(a["argv"][0]).resolve().parent)  # as `python SCRIPT` sets it
-            runpy.run_path(a["argv"][0], run_name="__main__")
+            sys.argv = list(argv)
+            sys.path[0] = str(Path(argv[0]).resolve().parent)  # as `python SCRIPT` sets it
+            runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:  # the script's own exit status, as the interpreter turns it into one
         if e.code is None or isinstance(e.code, int):
             _exit(e.code or 0)
@@ -106,6 +116,57 @@ def _child(a: dict) -> None:
         sys.excepthook(*sys.exc_info())  # what `python SCRIPT` prints for an uncaught exception
         _exit(1)
     _exit(0)
+
+
+class _ForkedRank:
+    """What Composer's launcher uses of the `subprocess.Popen` of a rank, for a rank forked from this process:
+    the rank runs its command's script (`cmd[1:]`) with the environment the launcher set for it."""
+
+    root_handlers: list = []  # the logging handlers before the launcher added its own
+
+    def __init__(self, cmd: list[str], stdout=None, stderr=None, text: bool = True):
+        import logging
+        import tempfile
+        import weakref
+
+        self.args, self.returncode, self.stdout, self.stderr = cmd, None, stdout, stderr
+        self.pid = os.fork()
+        if self.pid:
+            return
+        # Undo what the launcher did in this process that a freshly started rank does not have: its log
+        # handler, and its log folder's clean-up at exit (the launcher removes that folder itself).
+        logging.root.handlers[:] = self.root_handlers
+        logging.getLogger("composer.cli.launcher").setLevel(logging.NOTSET)
+        for f in list(weakref.finalize._registry):
+            if isinstance((f.peek() or [None])[0], tempfile.TemporaryDirectory):
+                f.detach()
+        if stdout is not None:  # ranks > 0 write to files; rank 0 to the launcher's own output
+            os.dup2(stdout.fileno(), 1)
+            os.dup2(stdout.fileno() if stderr in (None, subprocess.STDOUT) else stderr.fileno(), 2)
+        _run(cmd[1:], os.getcwd())
+
+    def poll(self):
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _composer_launcher(launcher_args: list[str], argv: list[str]) -> int:
+    """Composer's launcher itself (`composer.cli.launcher.main`: its arguments, the ranks' environment, output
+    files, watching, clean-up and exit status), with each rank forked from this pre-imported process instead
+    of started as a new Python."""
+    import logging
+    import types
+
+    from composer.cli import launcher
+
+    _ForkedRank.root_handlers = list(logging.root.handlers)
+    launcher.subprocess = types.SimpleNamespace(Popen=_ForkedRank, STDOUT=subprocess.STDOUT,
+                                                CalledProcessError=subprocess.CalledProcessError)
+    sys.argv = ["composer", *launcher_args, *argv]
+    return launcher.main()
 
 
 def _exit(code: int) -> None:
@@ -133,7 +194,7 @@ def attempt(a: dict) -> dict:
         if done:
             break
         if deadline is not None and time.monotonic() >= deadline:
-            os.kill(pid, sig)
+            os.killpg(pid, sig) if a.get("launcher") is not None else os.kill(pid, sig)
             deadline, killed = None, True
         out = Path(a["stdout"])
         if signal_on is not None and out.exists() and signal_on in out.read_text(errors="replace"):
@@ -148,6 +209,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))  # for tests.train.faults
     import ettin_train.cli  # noqa: F401
     import ettin_train.train.run  # noqa: F401  (the heavy imports: torch, composer, transformers)
+    import composer.cli.launcher  # noqa: F401
     import tests.train.faults  # noqa: F401
 
     import gc

@@ -115,7 +115,8 @@ def test_three_phases_each_start_from_the_previous_with_their_own_lr_and_clock(t
 def test_two_process_gloo_run_through_the_composer_launcher(tiny_data, tmp_path):
     recipe = write_recipe(tmp_path / "ddp.yaml", tiny_recipe(tiny_data, tmp_path / "ddp", train={"max_duration": "6ba"},
                                                              checkpoint={"interval": "3ba"}))
-    proc = run_train(str(recipe), launcher=composer_launcher())
+    # the `composer` executable itself (the other multi-process tests fork their ranks: tests/conftest.py)
+    proc = run_train(str(recipe), launcher=composer_launcher(real=True))
     assert "2 process(es)" in proc.stdout + proc.stderr
     ckpt = _final(tmp_path / "ddp")
     assert ckpt["state"]["timestamp"]["Timestamp"]["batch"] == 6

@@ -206,3 +206,9 @@ def test_a_two_process_run_uploads_each_object_once(tiny_data, s3, tmp_path):
     puts = [k for k in _requests(s3, bucket) if k.startswith("two/checkpoints/")]
     # rank 0 writes the (full) checkpoint and uploads it and its marker; rank 1 writes nothing and uploads nothing
     assert sorted(puts) == [f"two/{CKPT.format(4)}", f"two/{CKPT.format(4)}.complete"]
+
+
+def test_a_finished_run_in_the_store_is_reported_complete_on_an_empty_disk(stored, s3, tmp_path):
+    out = run_train(str(stored["recipe"]), f"run_dir={tmp_path / 'run'}")
+    assert "already complete: step 12" in out.stdout and "done at step" not in out.stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ep*.pt")) == ["ep0-ba12-rank0.pt"]

@@ -25,6 +25,7 @@ from ettin_train import stores
 from ettin_train.checkpoint import resume, run_identity
 from ettin_train.checkpoint.optimizer_state import ParamLayout
 from ettin_train.checkpoint.phase_start import start_phase_from
+from ettin_train.checkpoint.run_folder import finished_run
 from ettin_train.config import Duration, Recipe, recipe_to_dict
 from ettin_train.data.order import OrderError
 from ettin_train.data.permuted import PermutedBatches, resolve_sources
@@ -53,6 +54,11 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     run_dir = Path(recipe.run_dir)
     save_folder = run_dir / "checkpoints"
     preflight(recipe, save_folder)  # bad inputs stop here; a crashed run's checkpoint folder is repaired
+    done = finished_run(recipe) if recipe.checkpoint.remote else None  # its final checkpoint came from the store
+    if done:
+        if dist.get_global_rank() == 0:
+            print(done.line(), flush=True)
+        return
     tokens = _special_tokens(recipe)
     objective = get_objective(recipe.objective)
     model = EttinModel(recipe.model)

@@ -273,10 +273,12 @@ def save_after_data_failure(trainer) -> str:
         try:
             saver._save_checkpoint(state, trainer.logger)
         except Exception as e:  # noqa: BLE001 - the data error is the news; say the checkpoint failed too
-            return f"the checkpoint of step {step} failed too ({type(e).__name__}: {e}); last complete checkpoint: " \
+            why = (str(e).strip().splitlines() or [""])[0]
+            return f"the checkpoint of step {step} failed too ({type(e).__name__}: {why}); last complete checkpoint: " \
                    f"{saver.last_complete or 'none'}"
         return f"checkpoint of step {step}: {saver.last_complete}; {resume}"
-    return f"stopped before step {step + 1}; last complete checkpoint: {saver.last_complete or 'none'}; {resume}"
+    latest = Path(saver.folder) / "latest-rank0.pt"  # rank 0's file, what a resume loads, whichever rank failed
+    return f"stopped before step {step + 1}; last complete checkpoint: {os.path.realpath(latest) if latest.exists() else 'none'}; {resume}"
 
 
 def reliability_callbacks(recipe, save_folder: Path) -> list[Callback]:

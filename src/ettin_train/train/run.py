@@ -125,7 +125,10 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     except StopRun as e:
         sys.exit(f"error: {e}")
     except ShardUnavailable as e:  # the store failed for good: one line naming the shard, and where to resume from
-        sys.exit(f"error: {e.line()}; {save_after_data_failure(trainer)}")
+        problem = f"{e.line()}; {save_after_data_failure(trainer)}"
+        if world == 1:
+            sys.exit(f"error: {problem}")
+        lost = problem  # the other processes wait in the next step: close()'s barrier would never meet theirs
     except DataError as e:  # a sample that cannot be trained on ([PAD] inside it): one line naming the shard and sample
         sys.exit(f"error: {e.line()}")
     except RuntimeError as e:

@@ -293,3 +293,10 @@ def s3(s3_server, monkeypatch) -> S3Store:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return s3_server
+
+
+def run_ledger(run_dir: Path) -> dict[int, dict]:
+    """A run folder's ledger.jsonl, one line per step, by step."""
+    import json
+
+    return {x["step"]: x for x in map(json.loads, (run_dir / "ledger.jsonl").read_text().splitlines())}

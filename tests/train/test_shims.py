@@ -310,3 +310,19 @@ def test_a_checkpoint_tarball_member_outside_its_folder_is_refused_and_nothing_i
         composer_checkpoint.load_checkpoint(str(tar), state, Logger(state))  # as the Trainer calls it
     assert len(str(refused.value).splitlines()) == 1 and str(refused.value).startswith(f"{tar}: ")
     assert not list(tmp_path.rglob("escaped"))
+
+
+def test_each_node_gets_a_signal_file_of_its_own():
+    """Two nodes of one process each: Composer alone gives both node 0's signal file name (in a run folder they
+    share, the second node's removal of it fails); with the shim each has its own, with rank 0's random part."""
+    port, script = free_port(), ROOT / "tests" / "train" / "node_signal_names.py"
+    nodes = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), NODE_RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0",
+                                       LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outs
+    (alone0, shim0), (alone1, shim1) = (out.split() for out, _ in outs)
+    assert alone0 == alone1 and alone0.startswith("._signal_file_node0_")  # Composer's gap is still there
+    assert shim0.startswith("._signal_file_node0_") and shim1.startswith("._signal_file_node1_")
+    assert shim0.split("_")[-1] == shim1.split("_")[-1]

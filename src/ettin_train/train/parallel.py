@@ -23,12 +23,9 @@ class ParallelError(ValueError):
     """A parallel setting that does not fit the world this run was launched with."""
 
 
-def check(cfg: ParallelConfig, world: int, on_gpu: bool) -> None:
-    """What the recipe could not know: the device and the world size. Raises ParallelError."""
-    if cfg.strategy == "hybrid" and not on_gpu:
-        # torch 2.7's HSDP waits on a CUDA stream event after its all-reduce; on a CPU there is none.
-        raise ParallelError("parallel.strategy 'hybrid' needs GPUs: torch 2.7's FSDP2 cannot run HSDP on a CPU; "
-                            "use full_shard")
+def check(cfg: ParallelConfig, world: int) -> None:
+    """What the recipe could not know: the world size. Raises ParallelError. (`hybrid` runs on a CPU since
+    torch 2.14: torch 2.7's HSDP waited on a CUDA stream event after its all-reduce and was refused there.)"""
     shard_degrees(cfg, world)
 
 

@@ -43,7 +43,7 @@ from ettin_train.train.callbacks import (DataStepCheck, Evaluate, ExportCheckpoi
 from ettin_train.train.module import EttinComposerModel, LRSchedule, build_optimizer, composer_time
 from ettin_train.train.reliability import SaveOnSignal, StopRun, reliability_callbacks, save_after_data_failure
 from ettin_train.train.shims import (MetricsOnlyWandB, RestoreRngMidEpoch, adopt_torchrun_env, checked_tarballs,
-                                     digest_checkpoint_writes, route_checkpoint_loads)
+                                     digest_checkpoint_writes, per_node_signal_files, route_checkpoint_loads)
 
 
 def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
@@ -86,6 +86,7 @@ def run(recipe: Recipe, extra_callbacks: Sequence[Callback] = ()) -> None:
     parallelism = parallel.prepare(recipe.parallel, model, world, "cuda" if on_gpu else "cpu")
     route_checkpoint_loads(recipe.checkpoint.trust_pickles)  # Composer's own loads (autoresume, load_path)
     checked_tarballs()  # a .tar load_path: no member is written outside its folder
+    per_node_signal_files()  # nodes sharing the run folder: a signal file each
     digest_checkpoint_writes()  # the saver's marker gets the sha256 of the bytes as written
     trainer = Trainer(
         model=EttinComposerModel(model, objective),
@@ -162,7 +163,7 @@ def _start_processes(recipe: Recipe) -> tuple[DeviceCPU | DeviceGPU, int]:
     if recipe.train.global_batch % world and not recipe.data.order:
         sys.exit(f"error: train.global_batch {recipe.train.global_batch} is not divisible by the world size {world}")
     try:
-        parallel.check(recipe.parallel, world, on_gpu)
+        parallel.check(recipe.parallel, world)
     except parallel.ParallelError as e:
         sys.exit(f"error: {e}")
     reproducibility.seed_all(recipe.train.seed)

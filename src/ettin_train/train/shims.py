@@ -33,6 +33,30 @@ def adopt_torchrun_env() -> None:
         os.environ["NODE_RANK"] = os.environ["GROUP_RANK"]
 
 
+_SIGNAL_PREFIX = "._signal_file_node"
+
+
+def per_node_signal_files() -> None:
+    """Composer 0.32.1's `dist.get_node_signal_file_name` broadcasts rank 0's name, node rank included, to every
+    node (mosaicml/llm-foundry#1736). In a run folder the nodes share (NFS, Lustre: the usual case) every node's
+    local rank 0 then writes and removes the same file at autoresume and at a checkpoint load, and the second
+    removal fails (FileNotFoundError). Each node keeps rank 0's random part and puts in its own node rank."""
+    from composer.utils import dist as composer_dist
+
+    broadcast = composer_dist.get_node_signal_file_name
+    if getattr(broadcast, "per_node", False):
+        return
+
+    def per_node(rng=None) -> str:
+        name = broadcast(rng)
+        if not name.startswith(_SIGNAL_PREFIX):  # another Composer's format: leave it as it is
+            return name
+        return f"{_SIGNAL_PREFIX}{composer_dist.get_node_rank()}_{name[len(_SIGNAL_PREFIX):].split('_', 1)[-1]}"
+
+    per_node.per_node = True
+    composer_dist.get_node_signal_file_name = per_node
+
+
 def optimi_triton() -> Optional[bool]:
     """torch-optimi 0.3 picks its Triton kernels whenever Triton is importable, also for CPU tensors, where
     they fail: on a machine without CUDA the foreach kernels are asked for (`triton=False`)."""

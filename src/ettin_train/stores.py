@@ -309,7 +309,10 @@ def local_copy(uri: str) -> Path:
     are kept), each checked against its marker as the local code then does. Unmarked checkpoints are left out."""
     dest = cache_folder(uri)
     if CHECKPOINT_NAME.match(uri.rstrip("/").rpartition("/")[2]):
-        return fetch_checkpoint(uri, dest.parent)
+        try:
+            return fetch_checkpoint(uri, dest.parent)
+        except ValueError as e:  # damaged, or not there: one line as for a folder
+            raise StoreError(str(e)) from None
     store = Store(uri)
     try:
         names = store.names()

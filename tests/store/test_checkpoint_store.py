@@ -212,3 +212,16 @@ def test_a_finished_run_in_the_store_is_reported_complete_on_an_empty_disk(store
     out = run_train(str(stored["recipe"]), f"run_dir={tmp_path / 'run'}")
     assert "already complete: step 12" in out.stdout and "done at step" not in out.stdout
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("ep*.pt")) == ["ep0-ba12-rank0.pt"]
+
+
+def test_ettin_export_refuses_a_damaged_store_checkpoint_in_one_line(stored, s3, tmp_path, monkeypatch, capsys):
+    from ettin_train.export import main as export_main
+
+    monkeypatch.setenv("ETTIN_STORE_CACHE", str(tmp_path / "cache"))
+    remote = _copy_prefix(s3, stored["bucket"], "runs/enc", "runs/damaged-export")
+    _flip_byte(s3, stored["bucket"], f"runs/damaged-export/{CKPT.format(12)}", tmp_path)
+    capsys.readouterr()
+    assert export_main([f"{remote}/{CKPT.format(12)}", "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{remote}/{CKPT.format(12)} is damaged" in err[0]
+    assert not (tmp_path / "repo").exists()

@@ -62,6 +62,9 @@ def elastic_runs(tiny_data, root) -> Path:
         shutil.copytree(root / "four", root / name, symlinks=True)
         for done in (root / name / "checkpoints").glob("ep0-ba9*"):  # as if the 4-process run had stopped at 6
             shutil.rmtree(done) if done.is_dir() else done.unlink()
+        latest = root / name / "checkpoints" / "latest-rank0.pt"
+        latest.unlink()
+        latest.symlink_to("ep0-ba6")
         proc = run_train(str(four), f"run_dir={root / name}", launcher=launcher, timeout=900)
         assert "resuming from" in proc.stdout and "ep0-ba6" in proc.stdout and "step      6" not in proc.stdout
     return root

@@ -68,7 +68,7 @@ def _weights(run: Path, step: int) -> dict:
 
 def test_rank_1_killed_mid_step_ends_the_run_and_the_same_command_resumes_it_bitwise(tiny_data, tmp_path):
     recipe = tiny_recipe(tiny_data, tmp_path / "whole", train={"max_duration": "6ba"}, checkpoint={"interval": "2ba"})
-    # the uninterrupted run is only the oracle: its ranks forked (tests/conftest.py); the others through `composer`
+    # the uninterrupted run is only the oracle: its ranks forked (tests/conftest.py); the killed one through `composer`
     whole = run_train(str(write_recipe(tmp_path / "whole.yaml", recipe)), launcher=composer_launcher(), check=False)
     assert whole.returncode == 0, (whole.stdout + whole.stderr)[-3000:]
 
@@ -80,8 +80,10 @@ def test_rank_1_killed_mid_step_ends_the_run_and_the_same_command_resumes_it_bit
     assert "error: rank 0 lost another process of this run" in killed["out"]
     assert "Last complete checkpoint: " in killed["out"] and "ep0-ba2-rank0.pt" in killed["out"]
 
-    resumed = launch(killed_yaml, tmp_path / "resumed.log")  # the same command
-    assert resumed["rc"] == 0 and "continues at step 3" in resumed["out"], resumed["out"][-3000:]
+    # the same command (its ranks forked, as the whole run's: the launcher's reaction was the part above)
+    resumed = run_train(str(killed_yaml), launcher=composer_launcher(), check=False)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "continues at step 3" in out, out[-3000:]
     a, b = _weights(tmp_path / "whole", 6), _weights(tmp_path / "killed", 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "killed" / "ledger.jsonl").read_text() == (tmp_path / "whole" / "ledger.jsonl").read_text()

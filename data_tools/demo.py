@@ -35,10 +35,12 @@ OUT = ROOT / "demo_runs"
 PHASES = ("pretrain", "extension", "decay")
 OBJECTIVES = {"encoder": "AutoModelForMaskedLM", "decoder": "AutoModelForCausalLM"}
 INTERRUPT_AT = "400_000tok"  # half of the demo encoder's 800_000-token pre-training
-# Phrases of the corpus's own style that a tiny model can get right: "Return a list of ..." and "Return True if ..."
-# are its commonest openings (41 and 45 times in the training docstrings), so plausible answers are nouns of a
-# collection (list, tuple) for the first and truth values (True, true, None) for the second.
-PROMPTS = ("Return a [MASK] of the names in the module.", "Return [MASK] if the file exists.")
+# Phrases of the corpus's own style where a tiny model can be right: "Return a list of ..." is among its commonest
+# openings (41 times in the training docstrings; "a tuple of" 14), so nouns fit the first mask, with "list" the
+# corpus's answer; the second asks for the word after "of", where "the" is the commonest. (Checked on the 2026-12-03
+# run's final encoder: 'list' first for the first, 'the' first for the second; "Return [MASK] if the file exists."
+# got pronouns and nouns instead of True.)
+PROMPTS = ("Return a [MASK] of the names in the module.", "Return a list of [MASK] names.")
 GENERATE = ("Return a new", "This module provides")
 
 

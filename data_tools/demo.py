@@ -34,8 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo_runs"
 PHASES = ("pretrain", "extension", "decay")
 OBJECTIVES = {"encoder": "AutoModelForMaskedLM", "decoder": "AutoModelForCausalLM"}
-INTERRUPT_AT = "300_000tok"  # half of the demo encoder's 600_000-token pre-training
-PROMPTS = ("Return the number of [MASK] in the list.", "Raise ValueError if the [MASK] is not found.")
+INTERRUPT_AT = "400_000tok"  # half of the demo encoder's 800_000-token pre-training
+# Phrases of the corpus's own style where a tiny model can be right: "Return a list of ..." is among its commonest
+# openings (41 times in the training docstrings; "a tuple of" 14), so nouns fit the first mask, with "list" the
+# corpus's answer; the second asks for the word after "of", where "the" is the commonest. (Checked on the 2026-12-03
+# run's final encoder: 'list' first for the first, 'the' first for the second; "Return [MASK] if the file exists."
+# got pronouns and nouns instead of True.)
+PROMPTS = ("Return a [MASK] of the names in the module.", "Return a list of [MASK] names.")
 GENERATE = ("Return a new", "This module provides")
 
 
@@ -52,39 +57,62 @@ def prepare_data() -> None:
     print(f"demo data: tokenizer and MDS shards in {data} ({counts['short']} + {counts['long']} samples, {time.time() - t:.0f}s)")
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+def _env(threads: int | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads or os.cpu_count() or 1)))
+    # The demo starts ~16 Python processes, each importing torch, Composer and transformers: with bytecode
+    # caching off (PYTHONDONTWRITEBYTECODE, as on some shared machines) each recompiled them (~14 s of CPU).
+    # The cache goes under demo_runs/, so the venv and the checkout stay untouched.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(OUT / ".pycache"))
+    return env
 
 
-def train_all() -> None:
-    for objective in OBJECTIVES:
-        for phase in PHASES:
-            recipe = f"yamls/demo/{objective}/{phase}.yaml"
-            if objective == "encoder" and phase == "pretrain" and not (OUT / objective / phase / "checkpoints").exists():
-                print(f"\n=== {objective} / {phase}, interrupted: python train.py {recipe} train.stop_after={INTERRUPT_AT}",
-                      flush=True)
-                subprocess.run([sys.executable, "train.py", recipe, f"train.stop_after={INTERRUPT_AT}"], cwd=ROOT,
-                               env=_env(), check=True)
-                print(f"\n=== {objective} / {phase}, the same command again: it resumes from the checkpoint above", flush=True)
-            else:
-                print(f"\n=== {objective} / {phase}: python train.py {recipe}", flush=True)
-            subprocess.run([sys.executable, "train.py", recipe], cwd=ROOT, env=_env(), check=True)
+def _timed(label: str, cmd: list[str], threads: int | None = None) -> None:
+    """Runs `cmd` and prints its wall time and its own CPU time (user + sys, with the children it waited for):
+    on a shared machine the CPU time is the one that says what it costs."""
+    t = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(threads))
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    print(f"=== {label}: {time.time() - t:.0f}s wall, {usage.ru_utime + usage.ru_stime:.0f}s CPU", flush=True)
 
 
-def export_all() -> dict[str, Path]:
-    """Every phase's checkpoints into one tagged git repository per model; returns the repositories."""
-    repos = {}
-    for objective in OBJECTIVES:
-        repos[objective] = OUT / "hf" / objective
-        for phase in PHASES:
-            run = OUT / objective / phase
-            print(f"\n=== export {objective} / {phase}: ettin-export {run.relative_to(ROOT)} --out "
-                  f"{repos[objective].relative_to(ROOT)}", flush=True)
-            subprocess.run([sys.executable, "-m", "ettin_train.export", str(run), "--out", str(repos[objective])],
-                           cwd=ROOT, env=_env(), check=True)
-        tags = _git(repos[objective], "tag", "--sort=creatordate").split()
-        print(f"{repos[objective].relative_to(ROOT)} tags: {' '.join(tags)}")
-    return repos
+def chain(objective: str, train: bool = True, threads: int | None = None) -> Path:
+    """One model's journey: its three phases in order (the encoder's pre-training interrupted and resumed), then
+    every phase's checkpoints into one tagged git repository; returns the repository."""
+    for phase in PHASES if train else ():
+        recipe = f"yamls/demo/{objective}/{phase}.yaml"
+        if objective == "encoder" and phase == "pretrain" and not (OUT / objective / phase / "checkpoints").exists():
+            print(f"\n=== {objective} / {phase}, interrupted: python train.py {recipe} train.stop_after={INTERRUPT_AT}",
+                  flush=True)
+            _timed(f"{objective} / {phase} (interrupted)", [sys.executable, "train.py", recipe,
+                                                             f"train.stop_after={INTERRUPT_AT}"], threads)
+            print(f"\n=== {objective} / {phase}, the same command again: it resumes from the checkpoint above", flush=True)
+        else:
+            print(f"\n=== {objective} / {phase}: python train.py {recipe}", flush=True)
+        _timed(f"{objective} / {phase}", [sys.executable, "train.py", recipe], threads)
+    repo = OUT / "hf" / objective
+    for phase in PHASES:
+        run = OUT / objective / phase
+        print(f"\n=== export {objective} / {phase}: ettin-export {run.relative_to(ROOT)} --out {repo.relative_to(ROOT)}",
+              flush=True)
+        _timed(f"export {objective} / {phase}", [sys.executable, "-m", "ettin_train.export", str(run), "--out", str(repo)],
+               threads)
+    print(f"{repo.relative_to(ROOT)} tags: {' '.join(_git(repo, 'tag', '--sort=creatordate').split())}", flush=True)
+    return repo
+
+
+def train_and_export(train: bool = True) -> dict[str, Path]:
+    """The encoder's and the decoder's chains side by side, one core each (their lines carry the run's name):
+    the tiny model's operations are too small for two threads to pay off, two processes keep both cores busy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // len(OBJECTIVES))
+    with ThreadPoolExecutor(len(OBJECTIVES)) as pool:
+        futures = {o: pool.submit(chain, o, train, threads) for o in OBJECTIVES}
+        return {o: f.result() for o, f in futures.items()}
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -124,7 +152,8 @@ def samples(repos: dict[str, Path]) -> None:
     print("\nfill-mask (encoder, transformers pipeline):")
     fill = transformers.pipeline("fill-mask", model=model, tokenizer=tok, top_k=5)
     for text in PROMPTS:
-        print(f"  {text!r} -> {[c['token_str'].strip() for c in fill(text)]}")
+        top = ", ".join(f"{c['token_str'].strip()!r} {c['score']:.2f}" for c in fill(text))
+        print(f"  {text!r} -> top 5 (with probabilities): {top}")
 
     model, tok = loaded["decoder"]
     print("\ngeneration (decoder, greedy, model.generate):")
@@ -144,7 +173,7 @@ def evaluate(repos: dict[str, Path]) -> None:
            "--data", str(OUT / "data" / "heldout_short"), "--out", str(OUT / "eval"), "--seq-len", "128"]
     print(f"\n=== evaluate every tag: ettin-eval {' '.join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[3:])}",
           flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
+    _timed("evaluate every tag", cmd)
     baseline(OUT / "eval" / "eval.json")
 
 
@@ -189,7 +218,7 @@ def downstream(repos: dict[str, Path]) -> None:
            "--include-path", str(OUT / "tasks"), "--out", str(OUT / "eval")]
     print("\n=== a downstream task for both models, every tag: ettin-eval demo_runs/hf/encoder demo_runs/hf/decoder "
           "--tasks demo_docstrings --include-path demo_runs/tasks --out demo_runs/eval", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
+    _timed("downstream task", cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     os.chdir(ROOT)
+    sys.dont_write_bytecode, sys.pycache_prefix = False, _env()["PYTHONPYCACHEPREFIX"]  # as for the commands (_env)
     start = time.time()
     if not args.samples:
         prepare_data()
-        train_all()
-    repos = export_all()
+    repos = train_and_export(train=not args.samples)
     samples(repos)
     evaluate(repos)
     downstream(repos)

@@ -49,6 +49,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    # As ModernBERT's: [MASK] takes the space before it, so "a [MASK] of" reads as a masked word (" list"), not as
+    # a lone space followed by a mask (the trainer adds its special tokens without lstrip).
+    tok.add_special_tokens([AddedToken("[MASK]", lstrip=True, special=True, normalized=False)])
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
@@ -69,8 +72,10 @@ def build_demo_data(out_dir: str, max_chars: int, vocab_size: int, seq_lens: dic
     (other modules, never trained on: evaluation data, docs/eval.md). Returns the samples per folder."""
     from ettin_train.data.shards import write_shards
 
-    docs = list(stdlib_docstrings(max_chars))
-    heldout = list(stdlib_docstrings(max_chars + heldout_chars))[len(docs):] if heldout_chars else []
+    docs, heldout, total = [], [], 0
+    for doc in stdlib_docstrings(max_chars + heldout_chars):  # one pass over the stdlib (parsing it is the slow part)
+        (docs if total < max_chars else heldout).append(doc)  # as stdlib_docstrings(max_chars) would stop
+        total += len(doc[1])
     if heldout_chars and not heldout:
         raise ValueError(f"no documents are left after the first {max_chars} characters for held-out data: lower max_chars")
     tok = train_tokenizer([text for _, text in docs], vocab_size, str(Path(out_dir) / "tokenizer"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 from streaming import StreamingDataset
@@ -42,12 +44,30 @@ def frame(ids: np.ndarray, seq_len: int, tokens: SpecialTokens, force_sep: bool)
     return ids
 
 
+@contextlib.contextmanager
+def shm_registration():
+    """Held while a StreamingDataset is made. streaming registers each dataset under the first free shared-memory
+    prefix (/dev/shm, machine-wide) with no lock between unrelated processes: two runs starting at the same moment
+    (make demo's encoder and decoder chains) both took prefix 0 and one failed with FileExistsError
+    '/000000_locals'. Only a node's local leader takes the lock: the other ranks of its run wait for it at
+    streaming's barrier inside the same constructor, and must not wait for the lock too."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        yield
+        return
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), "ettin-streaming-shm.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 class FramedMDSDataset(StreamingDataset):
     """A `StreamingDataset` whose samples are `{"input_ids", "key"}`: framed token ids, and the global
     sample index, which seeds that sample's MLM mask so masks do not depend on ranks or workers."""
 
     def __init__(self, *, seq_len: int, tokens: SpecialTokens, force_sep: bool, **kwargs):
-        super().__init__(**kwargs)
+        with shm_registration():
+            super().__init__(**kwargs)
         self.seq_len, self.tokens, self.force_sep = seq_len, tokens, force_sep
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict:

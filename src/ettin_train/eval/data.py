@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ettin_train.data.mds import frame
+from ettin_train.data.mds import frame, shm_registration
 from ettin_train.objectives import Objective, SpecialTokens
 
 
@@ -62,7 +62,8 @@ def read_rows(folder: str, settings: EvalSettings) -> list[np.ndarray]:
 
     if not os.path.isfile(os.path.join(folder, "index.json")):
         raise HeldOutError(f"held-out source {folder}: {os.path.join(folder, 'index.json')} does not exist (MDS shards)")
-    ds = StreamingDataset(local=folder, shuffle=False, batch_size=settings.batch_size)
+    with shm_registration():
+        ds = StreamingDataset(local=folder, shuffle=False, batch_size=settings.batch_size)
     need, have = settings.batches * settings.batch_size, int(ds.num_samples)
     if have < need:
         raise HeldOutError(f"held-out source {folder} holds {have} samples; {settings.batches} batches of "

@@ -31,3 +31,39 @@ def test_a_training_dataset_waits_while_another_process_registers_one(tiny_data)
     made = float(child.stdout.readline())
     assert child.wait(timeout=120) == 0
     assert made >= released, "the dataset was made while another process held the registration lock"
+
+
+def _shards(folder, n_docs=40):
+    import numpy as np
+
+    from ettin_train.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    docs = [(f"d{i}", rng.integers(5, 500, 300).tolist()) for i in range(n_docs)]
+    write_shards(str(folder), docs, seq_len=64, cls_id=1, sep_id=2, size_limit=1 << 12)  # several shards
+    return folder
+
+
+def test_a_local_folders_shards_are_unpacked_once_before_streaming_reads_them_with_streamings_bytes(tmp_path):
+    """Two runs on one shard folder no longer race on streaming's fixed `.tmp` name: the dataset's local leader
+    unpacks the folder first, under its own file names. The unpacked bytes are streaming's own (its reader unpacks
+    the same shards in a second folder: the oracle), so recorded raw hashes still hold."""
+    import json
+
+    from streaming import StreamingDataset
+
+    from ettin_train.data.mds import FramedMDSDataset
+    from ettin_train.objectives.base import SpecialTokens
+
+    ours, theirs = _shards(tmp_path / "ours"), _shards(tmp_path / "theirs")
+    shards = json.loads((ours / "index.json").read_text())["shards"]
+    assert len(shards) > 2 and not any((ours / s["raw_data"]["basename"]).exists() for s in shards)
+    tokens = SpecialTokens(unk=0, cls=1, sep=2, pad=3, mask=4, vocab_size=512)
+    FramedMDSDataset(local=str(ours), shuffle=False, batch_size=1, seq_len=64, force_sep=False, tokens=tokens)
+    plain = StreamingDataset(local=str(theirs), shuffle=False, batch_size=1)
+    for i in range(plain.num_samples):
+        plain[i]  # streaming unpacks each shard as it first reads it
+    for s in shards:
+        name = s["raw_data"]["basename"]
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    assert not list(ours.glob("*.part")) and not list(ours.glob("*.tmp"))

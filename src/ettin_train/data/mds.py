@@ -61,12 +61,41 @@ def shm_registration():
         yield
 
 
+def unpack_shards(folder: str) -> None:
+    """Decompresses each zstd shard of a local MDS folder (no remote) that has no raw copy yet, as streaming would
+    on first read, but under a name of this process's own, renamed into place. streaming unpacks to one fixed
+    `.tmp` name: two runs reading the same folder (an encoder and a decoder on the same shards; make demo's two
+    chains) unpacked the same shard at once and one failed with FileNotFoundError on its rename."""
+    import json
+
+    from streaming.base.compression import decompress
+
+    index = os.path.join(folder, "index.json")
+    if not os.path.isfile(index):
+        return  # preflight names a missing index; streaming raises its own error here
+    with open(index) as f:
+        shards = json.load(f)["shards"]
+    for shard in shards:
+        zipped, raw = shard.get("zip_data"), shard.get("raw_data")
+        if not zipped or not raw or os.path.exists(os.path.join(folder, raw["basename"])):
+            continue
+        with open(os.path.join(folder, zipped["basename"]), "rb") as f:
+            data = decompress(shard["compression"], f.read())
+        target = os.path.join(folder, raw["basename"])
+        part = f"{target}.{os.getpid()}.part"
+        with open(part, "wb") as f:
+            f.write(data)
+        os.replace(part, target)
+
+
 class FramedMDSDataset(StreamingDataset):
     """A `StreamingDataset` whose samples are `{"input_ids", "key"}`: framed token ids, and the global
     sample index, which seeds that sample's MLM mask so masks do not depend on ranks or workers."""
 
     def __init__(self, *, seq_len: int, tokens: SpecialTokens, force_sep: bool, **kwargs):
         with shm_registration():
+            if not kwargs.get("remote") and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                unpack_shards(os.path.join(kwargs["local"], kwargs.get("split") or ""))
             super().__init__(**kwargs)
         self.seq_len, self.tokens, self.force_sep = seq_len, tokens, force_sep
 

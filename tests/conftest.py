@@ -210,7 +210,7 @@ def order(tmp_path_factory) -> Path:
 
 # The files of make test's slowest tests (2026-12-03), longest first: each runs whole on one worker, so one
 # started late would run on alone at the end. test_rank_lost.py stays long (real launcher, timeouts it waits out).
-LONGEST_FIRST = ["train/test_rank_lost.py", "data/test_replay.py", "train/test_parallel.py", "train/test_reliability.py",
+LONGEST_FIRST = ["train/test_four_processes.py", "train/test_rank_lost.py", "data/test_replay.py", "train/test_parallel.py", "train/test_reliability.py",
                  "train/test_run.py"]
 
 

@@ -312,6 +312,7 @@ def test_a_checkpoint_tarball_member_outside_its_folder_is_refused_and_nothing_i
     assert not list(tmp_path.rglob("escaped"))
 
 
+@pytest.mark.slow
 def test_each_node_gets_a_signal_file_of_its_own():
     """Two nodes of one process each: Composer alone gives both node 0's signal file name (in a run folder they
     share, the second node's removal of it fails); with the shim each has its own, with rank 0's random part."""

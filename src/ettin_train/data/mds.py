@@ -56,7 +56,10 @@ def shm_registration():
         return
     import fcntl
 
-    with open(os.path.join(tempfile.gettempdir(), "ettin-streaming-shm.lock"), "a") as lock:
+    # In /dev/shm itself: the lock covers exactly the namespace it guards (two fake nodes on one machine, each with
+    # a /dev/shm of its own, must not wait for each other: their ranks meet at streaming's barrier).
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    with open(os.path.join(folder, "ettin-streaming-shm.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
 

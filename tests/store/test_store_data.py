@@ -197,3 +197,27 @@ def test_a_wrong_prefix_in_the_store_is_one_line_naming_the_uri_before_any_work(
         start = run_train(str(recipe), *overrides, check=False)
         assert start.returncode == 1 and start.stderr.strip().splitlines()[-1] == err[0], start.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no run folder, no download cache
+
+
+def test_a_shard_the_store_no_longer_serves_ends_a_two_process_run_naming_it(s3: S3Store, tiny_data, sharded, tmp_path):
+    """The failing rank alone knows: it leaves with the line at once (the others wait in the next step), the launcher
+    stops the others, and the same command resumes from the last interval checkpoint once the store serves it."""
+    from tests.conftest import composer_launcher
+
+    bucket = s3.bucket()
+    uri = s3.upload(sharded, bucket, "data/short")
+    shard, step = min(((s, k) for s, k in _first_needed(sharded).items() if k > 5), key=lambda sk: sk[1])
+    name = _shards(sharded)[shard]
+    s3.client().delete_object(Bucket=bucket, Key=f"data/short/{name}")
+    recipe = _recipe(tiny_data, tmp_path / "run", {"path": str(tmp_path / "cache"), "remote": uri, "download_retry": 2,
+                                                   "download_timeout": 10}, parallel={"timeout_s": 60})
+    failed = run_train(str(recipe), launcher=composer_launcher(2), check=False, timeout=400)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode != 0 and len(errors) == 1, failed.stderr[-3000:]
+    assert f"shard {uri}/{name}" in errors[0] and "last complete checkpoint" in errors[0], errors[0]
+    assert "ep0-ba4-rank0.pt" in errors[0], errors[0]  # the interval checkpoint before the failing step
+
+    s3.client().upload_file(str(sharded / name), bucket, f"data/short/{name}")  # the store is back
+    resumed = run_train(str(recipe), launcher=composer_launcher(2), timeout=400)
+    assert "resuming from" in resumed.stdout and "ep0-ba4-rank0.pt" in resumed.stdout
+    assert (tmp_path / "run" / "ledger.jsonl").read_text().count("\n") == STEPS

@@ -13,7 +13,7 @@ import torch
 
 from ettin_train.checkpoint import load_checkpoint, model_state_dict
 from ettin_train.cli import main as train_main
-from tests.conftest import REPLAY_STEPS, REPLAY_WIDTH, S3Store, run_train, tiny_recipe, write_recipe
+from tests.conftest import REPLAY_STEPS, REPLAY_WIDTH, S3Store, composer_launcher, run_train, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -107,16 +107,22 @@ def _first_needed(folder: Path) -> dict[int, int]:
     return first
 
 
-def test_a_shard_the_store_no_longer_serves_ends_the_run_with_its_name_and_a_checkpoint_to_resume(
-        s3: S3Store, tiny_data, sharded, local_run, tmp_path):
+def _store_losing_a_later_shard(s3: S3Store, tiny_data, sharded, tmp_path, **sections):
+    """The shards in a new bucket, less one first read after the interval checkpoint of step 4 (gone from the store
+    before its step), and a recipe on them: (bucket, uri, the shard's name, the step that first needs it, recipe)."""
     bucket = s3.bucket()
     uri = s3.upload(sharded, bucket, "data/short")
-    # a shard first read after the interval checkpoint of step 4, gone from the store before its step
     shard, step = min(((s, k) for s, k in _first_needed(sharded).items() if k > 5), key=lambda sk: sk[1])
     name = _shards(sharded)[shard]
     s3.client().delete_object(Bucket=bucket, Key=f"data/short/{name}")
     recipe = _recipe(tiny_data, tmp_path / "run", {"path": str(tmp_path / "cache"), "remote": uri, "download_retry": 2,
-                                                   "download_timeout": 10})
+                                                   "download_timeout": 10}, **sections)
+    return bucket, uri, name, step, recipe
+
+
+def test_a_shard_the_store_no_longer_serves_ends_the_run_with_its_name_and_a_checkpoint_to_resume(
+        s3: S3Store, tiny_data, sharded, local_run, tmp_path):
+    bucket, uri, name, step, recipe = _store_losing_a_later_shard(s3, tiny_data, sharded, tmp_path)
     failed = run_train(str(recipe), check=False)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert failed.returncode == 1 and len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
@@ -200,17 +206,10 @@ def test_a_wrong_prefix_in_the_store_is_one_line_naming_the_uri_before_any_work(
 
 
 def test_a_shard_the_store_no_longer_serves_ends_a_two_process_run_naming_it(s3: S3Store, tiny_data, sharded, tmp_path):
-    """The failing rank alone knows: it leaves with the line at once (the others wait in the next step), the launcher
-    stops the others, and the same command resumes from the last interval checkpoint once the store serves it."""
-    from tests.conftest import composer_launcher
-
-    bucket = s3.bucket()
-    uri = s3.upload(sharded, bucket, "data/short")
-    shard, step = min(((s, k) for s, k in _first_needed(sharded).items() if k > 5), key=lambda sk: sk[1])
-    name = _shards(sharded)[shard]
-    s3.client().delete_object(Bucket=bucket, Key=f"data/short/{name}")
-    recipe = _recipe(tiny_data, tmp_path / "run", {"path": str(tmp_path / "cache"), "remote": uri, "download_retry": 2,
-                                                   "download_timeout": 10}, parallel={"timeout_s": 60})
+    """The failing rank alone knows: it exits 1 with the line (the others wait in the next step), the launcher stops
+    the others, and the same command resumes from the last interval checkpoint once the store serves it."""
+    bucket, uri, name, _, recipe = _store_losing_a_later_shard(s3, tiny_data, sharded, tmp_path,
+                                                               parallel={"timeout_s": 60})
     failed = run_train(str(recipe), launcher=composer_launcher(2), check=False, timeout=400)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert failed.returncode != 0 and len(errors) == 1, failed.stderr[-3000:]

@@ -149,6 +149,12 @@ def _own_shm_available() -> bool:
     return subprocess.run(OWN_SHM + ["true"], capture_output=True).returncode == 0
 
 
+# Not a failure of ours: without user namespaces the two fake nodes would share streaming's shared memory.
+NEEDS_OWN_SHM = pytest.mark.skipif(not _own_shm_available(), reason=(
+    "two fake nodes on one machine each need a /dev/shm of their own (streaming's shared memory), made with "
+    "`unshare --mount --map-root-user`, which this machine does not allow (user namespaces off)"))
+
+
 def _on_two_nodes(node) -> list[subprocess.CompletedProcess]:
     """`node(rank)` for the node ranks 0 and 1 at once, as two machines start their launchers."""
     with ThreadPoolExecutor(2) as pool:
@@ -172,7 +178,7 @@ def _same_run_as_one_node(two_nodes: Path, one_node: Path, steps: int) -> None:
         torch.testing.assert_close(weights[k], one_weights[k], rtol=0, atol=1e-6, msg=f"{k} differs")
 
 
-@pytest.mark.skipif(not _own_shm_available(), reason="needs unshare --mount (a /dev/shm per fake node)")
+@NEEDS_OWN_SHM
 def test_two_nodes_of_one_process_train_like_one_node_of_two(runs, tmp_path):
     """The Composer launcher's multi-node flags, two launchers on 127.0.0.1: the run of `runs/ddp`."""
     port, run = free_port(), tmp_path / "two_nodes"
@@ -191,7 +197,7 @@ SLURM_NODE = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_
               "SLURM_GPUS_ON_NODE": "1", "SLURM_LOCALID": "0", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.skipif(not _own_shm_available(), reason="needs unshare --mount (a /dev/shm per fake node)")
+@NEEDS_OWN_SHM
 def test_slurm_scripts_launch_line_on_two_fake_nodes_trains_like_one_node(runs, tmp_path):
     """What srun starts on each node of a 2-node job (ETTIN_NODE_ONLY=1: the script's launch line without
     srun), with the variables Slurm sets there; MASTER_ADDR stands in for `scontrol show hostnames`."""
